@@ -1,0 +1,54 @@
+"""The ``dynvit`` command: one subcommand per module in ``dynvit.commands``.
+
+Each command module defines ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; a module that fails to import is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> module in dynvit.commands
+COMMANDS: dict[str, str] = {
+    "plugins": "plugins",
+    "show": "show",
+    "train": "train",
+    "eval": "evaluate",
+    "flops": "flops",
+    "import-lfvit": "import_lfvit",
+    "data": "data",
+    "quickstart": "quickstart",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynvit", description="Dynamic inference for vision transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"dynvit.commands.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dynvit.commands.{module_name}":
+                continue  # command not part of this build
+            raise
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data sets shipped with dynvit."""

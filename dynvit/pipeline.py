@@ -1,0 +1,232 @@
+"""The dynamic pipeline: stages composed into one ``nn.Module``.
+
+Training (``pipe(images)``): every sample goes through every stage and the
+logits of each stage are returned, so the loss can supervise both.
+Inference (``pipe.infer(images)``): stage 1 on the whole batch, the exit
+policy splits it, and stage 2 runs once on the compacted sub-batch of the
+samples that did not exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from dynvit.registry import registry
+from dynvit.stages import (
+    Backbone,
+    Downsampler,
+    ExitPolicy,
+    Fuser,
+    Grid,
+    Loss,
+    RegionSelector,
+    Selection,
+    Stage1Output,
+    TokenReuser,
+)
+
+
+@dataclass
+class PipelineOutput:
+    """Training-mode result."""
+
+    logits: tuple[Tensor, ...]  # one (B, C) tensor per stage
+    selection: Selection | None = None  # what stage 2 looked at
+
+
+@dataclass
+class InferenceResult:
+    """Inference-mode result."""
+
+    logits: Tensor  # (B, C): the logits of the stage each sample exited at
+    exit_stage: Tensor  # (B,) int64 in {1, 2}
+    stage1_logits: Tensor  # (B, C)
+    selection: Selection | None = None  # for the samples with exit_stage == 2, in batch order
+
+
+def parent_index(full_index: Tensor, grid1: Grid, grid2: Grid) -> Tensor:
+    """Stage-1 cell under each full-resolution cell (nearest-neighbour upsampling)."""
+    rows, cols = full_index // grid2[1], full_index % grid2[1]
+    return (rows * grid1[0] // grid2[0]) * grid1[1] + cols * grid1[1] // grid2[1]
+
+
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """(B or 1, N, D) tokens at (B, M) indices -> (B, M, D)."""
+    index = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens.expand(index.shape[0], -1, -1), 1, index)
+
+
+class DynamicPipeline(nn.Module):
+    """LF-ViT-style two-stage inference over one shared backbone."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        downsampler: Downsampler | None,
+        selector: RegionSelector | None,
+        fuser: Fuser | None,
+        reuser: TokenReuser | None,
+        exit_policy: ExitPolicy | None,
+        loss: Loss | None = None,
+        image_size: int = 224,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.downsampler = downsampler
+        self.selector = selector
+        self.fuser = fuser
+        self.reuser = reuser
+        self.exit_policy = exit_policy
+        self.loss = loss
+        self.image_size = image_size
+        self.grid2 = backbone.grid_size(image_size)
+        self.num_stages = 1 if downsampler is None else 2
+        if self.num_stages == 2:
+            self.grid1 = backbone.grid_size(downsampler.output_size(image_size))
+            self._attention_blocks = selector.attention_blocks(backbone.depth)
+        # while True, stage 2 sees the whole image (the first LF-ViT training phase)
+        self.whole_image_stage2 = False
+
+    # -- the two stages ---------------------------------------------------------
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of shape (B, C, {self.image_size}, {self.image_size}) "
+                f"(model.image_size={self.image_size}), got {tuple(images.shape)}; resize or change model.image_size"
+            )
+
+    def run_full_resolution(self, images: Tensor) -> Tensor:
+        """The plain backbone on the whole full-resolution image: (B, C) logits."""
+        pos = self.backbone.position_embedding(self.grid2)
+        tokens = self.backbone.embed_patches(images) + pos[:, 1:]
+        return self.backbone.encode(tokens, pos[:, :1]).logits
+
+    def run_stage1(self, images: Tensor) -> Stage1Output:
+        """Stage 1 on the downsampled images."""
+        low = self.downsampler(images)
+        grid = self.backbone.grid_size(tuple(low.shape[-2:]))
+        if grid != self.grid1:
+            raise ValueError(f"downsampler produced a {grid} grid, expected {self.grid1}")
+        pos = self.backbone.position_embedding(grid)
+        embeddings = self.backbone.embed_patches(low) + pos[:, 1:]
+        out = self.backbone.encode(embeddings, pos[:, :1], self._attention_blocks)
+        return Stage1Output(
+            logits=out.logits,
+            tokens=out.tokens,
+            class_attention=out.class_attention,
+            embeddings=embeddings,
+            grid=grid,
+        )
+
+    def select(self, stage1: Stage1Output) -> Selection:
+        if self.whole_image_stage2:
+            return Selection.whole_image(stage1.logits.shape[0], self.grid1, self.grid2, stage1.logits.device)
+        return self.selector(stage1, self.grid2)
+
+    def run_stage2(self, images: Tensor, stage1: Stage1Output, selection: Selection) -> Tensor:
+        """Stage 2 on the selected full-resolution tokens plus the reused stage-1 ones."""
+        patches = self.backbone.embed_patches(images, selection.full_index)
+        if self.fuser is not None:
+            parent = parent_index(selection.full_index, self.grid1, self.grid2)
+            patches = self.fuser(patches, stage1.tokens[:, 1:], parent)
+        pos = self.backbone.position_embedding(self.grid2)
+        tokens = patches + gather_tokens(pos[:, 1:], selection.full_index)
+        if self.reuser is not None and selection.reuse_index.shape[1] > 0:
+            reused = self.reuser(stage1, selection.reuse_index)
+            tokens = torch.cat([tokens, reused.to(tokens.dtype)], dim=1)
+        return self.backbone.encode(tokens, pos[:, :1]).logits
+
+    # -- public entry points ----------------------------------------------------
+
+    def forward(self, images: Tensor) -> PipelineOutput:
+        """Every sample through every stage (training; eta = 1)."""
+        self._check_images(images)
+        if self.num_stages == 1:
+            return PipelineOutput(logits=(self.run_full_resolution(images),))
+        stage1 = self.run_stage1(images)
+        selection = self.select(stage1)
+        logits2 = self.run_stage2(images, stage1, selection)
+        return PipelineOutput(logits=(stage1.logits, logits2), selection=selection)
+
+    @torch.no_grad()
+    def infer(self, images: Tensor, threshold: float | None = None) -> InferenceResult:
+        """Early-exit inference; ``threshold`` overrides the exit policy's own."""
+        self._check_images(images)
+        if self.num_stages == 1:
+            logits = self.run_full_resolution(images)
+            ones = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
+            return InferenceResult(logits=logits, exit_stage=ones, stage1_logits=logits)
+        stage1 = self.run_stage1(images)
+        exits = self.exit_policy(stage1.logits, threshold)
+        exit_stage = torch.where(exits, 1, 2)
+        logits = stage1.logits.clone()
+        remaining = torch.nonzero(~exits).squeeze(1)
+        selection = None
+        if remaining.numel() > 0:
+            sub = stage1.take(remaining)
+            selection = self.select(sub)
+            logits[remaining] = self.run_stage2(images[remaining], sub, selection).to(logits.dtype)
+        return InferenceResult(logits=logits, exit_stage=exit_stage, stage1_logits=stage1.logits, selection=selection)
+
+    def compute_loss(self, output: PipelineOutput, target: Tensor) -> Tensor:
+        if self.loss is None:
+            raise RuntimeError("this pipeline was built without a loss; give the recipe a 'loss' section")
+        return self.loss(output.logits, target)
+
+    @property
+    def stage2_length(self) -> int:
+        """Tokens stage 2 processes, CLS included (fixed for a recipe)."""
+        if self.num_stages == 1:
+            return 1 + self.grid2[0] * self.grid2[1]
+        probe = Stage1Output(
+            logits=torch.zeros(1, self.backbone.num_classes),
+            tokens=torch.zeros(1, 1 + self.grid1[0] * self.grid1[1], self.backbone.embed_dim),
+            class_attention={b: torch.rand(1, self.grid1[0] * self.grid1[1]) for b in self._attention_blocks},
+            embeddings=torch.zeros(1, self.grid1[0] * self.grid1[1], self.backbone.embed_dim),
+            grid=self.grid1,
+        )
+        device = next(self.parameters()).device
+        probe = Stage1Output(**{k: _to(v, device) for k, v in probe.__dict__.items()})
+        selection = self.select(probe)
+        reused = selection.reuse_index.shape[1] if self.reuser is not None else 0
+        return 1 + selection.full_index.shape[1] + reused
+
+
+def _to(value: object, device: torch.device) -> object:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value
+
+
+def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipeline:
+    """Instantiate every stage a recipe names and compose them."""
+    model = recipe.model
+    image_size = int(model.image_size)
+
+    def build(kind: str, section: DictConfig, **context: object) -> nn.Module:
+        return registry(kind).build(OmegaConf.to_container(section, resolve=True), **context)
+
+    downsampler = None
+    stage_sizes: Sequence[int] = (image_size,)
+    if model.stages == 2:
+        downsampler = build("downsampler", model.downsampler)
+        stage_sizes = (downsampler.output_size(image_size), image_size)
+    backbone = build("backbone", model.backbone, image_size=image_size, stage_image_sizes=tuple(stage_sizes))
+    two = model.stages == 2
+    selector = build("region_selector", model.selector) if two else None
+    fuser = build("fuser", model.fuser, embed_dim=backbone.embed_dim) if two else None
+    reuser = build("token_reuser", model.reuser, embed_dim=backbone.embed_dim) if two else None
+    exit_policy = build("exit_policy", model.exit) if two else None
+    loss = build("loss", recipe.loss) if with_loss else None
+    # plugins that are no-ops say so by building to None-like Identity markers
+    fuser = None if getattr(fuser, "is_noop", False) else fuser
+    reuser = None if getattr(reuser, "is_noop", False) else reuser
+    return DynamicPipeline(backbone, downsampler, selector, fuser, reuser, exit_policy, loss, image_size)

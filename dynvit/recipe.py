@@ -1,0 +1,304 @@
+"""Recipes: YAML files that name the stages of a pipeline and how to train it.
+
+A recipe may extend another (``base: other.yaml``, resolved next to the
+recipe file, then among the recipes shipped with dynvit) and takes
+OmegaConf dotlist overrides (``model.selector.type=random``). Everything is
+validated at load time, so a typo fails before any model is built, with a
+message that names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import typing
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dynvit.evaluation.config import EvalConfig
+from dynvit.registry import PluginError, constructor_parameters, registry
+from dynvit.training.config import DataConfig, TrainConfig
+
+# recipe section -> stage kind of the plugin it names
+PLUGIN_SECTIONS: dict[str, str] = {
+    "model.backbone": "backbone",
+    "model.downsampler": "downsampler",
+    "model.selector": "region_selector",
+    "model.fuser": "fuser",
+    "model.reuser": "token_reuser",
+    "model.exit": "exit_policy",
+    "loss": "loss",
+}
+
+# constructor arguments the pipeline supplies; a recipe does not set them
+CONTEXT_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "backbone": ("image_size", "stage_image_sizes"),
+    "fuser": ("embed_dim",),
+    "token_reuser": ("embed_dim",),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded; the message names the file and key."""
+
+
+class RecipeWarning(UserWarning):
+    """Something in a recipe that was adjusted rather than refused."""
+
+
+def _plugin(type_name: str, **kwargs: Any) -> dict[str, Any]:
+    return field(default_factory=lambda: {"type": type_name, **kwargs})
+
+
+@dataclass
+class ModelConfig:
+    """The stages of the pipeline; each plugin section is ``{type: NAME, **arguments}``."""
+
+    image_size: int = 224
+    stages: int = 2  # 1: plain backbone at full resolution (baselines)
+    backbone: dict[str, Any] = _plugin("timm_vit")
+    downsampler: dict[str, Any] = _plugin("bilinear")
+    selector: dict[str, Any] = _plugin("full_image")
+    fuser: dict[str, Any] = _plugin("none")
+    reuser: dict[str, Any] = _plugin("none")
+    exit: dict[str, Any] = _plugin("confidence")
+
+
+@dataclass
+class RecipeSchema:
+    """The whole recipe; ``base`` is consumed while loading."""
+
+    base: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: dict[str, Any] = _plugin("ce")
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def bundled_recipes_dir() -> Path:
+    """The recipes shipped with dynvit."""
+    return Path(str(importlib.resources.files("dynvit.recipes")))
+
+
+def bundled_recipe_names() -> list[str]:
+    root = bundled_recipes_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_recipe_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A recipe file by path, by path next to ``relative_to``, or by bundled name."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    root = bundled_recipes_dir()
+    candidates += [root / name, root / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = f" (looked next to {relative_to} too)" if relative_to else ""
+    raise RecipeError(
+        f"recipe file not found: {name}{where}; give a path to a YAML file or one of the "
+        f"bundled recipes: {', '.join(bundled_recipe_names())}"
+    )
+
+
+def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The file and its bases as (source, config) layers, outermost base first."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise RecipeError(f"recipe bases form a cycle: {cycle}")
+    try:
+        layer = OmegaConf.load(path)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"{path}: not a valid recipe file: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise RecipeError(f"{path}: cannot parse YAML: {exc}") from exc
+    if not isinstance(layer, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping at the top level")
+    layers: list[tuple[str, DictConfig]] = []
+    base = layer.pop("base", None)
+    if base is not None:
+        layers += _read_layers(resolve_recipe_path(str(base), path.parent), (*chain, path))
+    layers.append((str(path), layer))
+    return layers
+
+
+def _section(config: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(config, dotted, default=None)
+
+
+def _drop_keys_of_replaced_plugins(merged: DictConfig, layer: DictConfig, source: str) -> None:
+    """A layer that switches a section to another plugin drops the arguments the new one does not take.
+
+    This is what makes ``model.selector.type=random`` a one-word ablation:
+    the region size carries over, NGCA-only arguments do not.
+    """
+    for dotted, kind in PLUGIN_SECTIONS.items():
+        new = _section(layer, dotted)
+        old = _section(merged, dotted)
+        if not isinstance(new, DictConfig) or "type" not in new or not isinstance(old, DictConfig):
+            continue
+        if old.get("type") == new["type"]:
+            continue
+        try:
+            params = constructor_parameters(registry(kind).get(str(new["type"])))
+        except PluginError as exc:
+            raise RecipeError(f"{source}: {dotted}.type: {exc}") from None
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        dropped = [k for k in old if k != "type" and k not in params and k not in new]
+        if dropped:
+            warnings.warn(
+                f"{source}: {dotted} switched from {old.get('type')!r} to {new['type']!r}; "
+                f"dropping arguments it does not take: {', '.join(dropped)}",
+                RecipeWarning,
+                stacklevel=4,
+            )
+            with _writable(merged):
+                for key in dropped:
+                    del old[key]
+
+
+class _writable:
+    def __init__(self, config: DictConfig) -> None:
+        self.config = config
+
+    def __enter__(self) -> None:
+        self.struct = OmegaConf.is_struct(self.config)
+        OmegaConf.set_struct(self.config, False)
+
+    def __exit__(self, *exc: object) -> None:
+        OmegaConf.set_struct(self.config, self.struct)
+
+
+def _merge(merged: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    _drop_keys_of_replaced_plugins(merged, layer, source)
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(merged, layer))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise RecipeError(f"{source}: {key}: {reason}") from None
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """A loose runtime check of a recipe value against a constructor annotation."""
+    if annotation is Any or annotation is None:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+    return True
+
+
+def _validate_plugin_section(config: DictConfig, dotted: str, kind: str, source: str) -> None:
+    section = _section(config, dotted)
+    if section is None:
+        raise RecipeError(f"{source}: {dotted} is missing; it needs at least 'type: NAME'")
+    if "type" not in section:
+        raise RecipeError(
+            f"{source}: {dotted} needs a 'type'; registered {kind} plugins: {', '.join(registry(kind).names())}"
+        )
+    try:
+        cls = registry(kind).get(str(section["type"]))
+    except PluginError as exc:
+        raise RecipeError(f"{source}: {dotted}.type: {exc}") from None
+    params = constructor_parameters(cls)
+    context = CONTEXT_ARGUMENTS.get(kind, ())
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [k for k in params if k not in context]
+        for key in section:
+            if key == "type":
+                continue
+            if key in context:
+                raise RecipeError(f"{source}: {dotted}.{key} is set by the pipeline; remove it from the recipe")
+            if key not in params:
+                raise RecipeError(
+                    f"{source}: {dotted}.{key}: unknown key for {kind} {section['type']!r}; "
+                    f"accepted keys: {', '.join(accepted) or '(none)'}"
+                )
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:
+        hints = {}
+    for name, param in params.items():
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or name in context:
+            continue
+        if name not in section:
+            if param.default is param.empty:
+                raise RecipeError(f"{source}: {dotted}.{name} is required by {kind} {section['type']!r} but not set")
+            continue
+        value = section[name]
+        if name in hints and not _matches(value, hints[name]):
+            raise RecipeError(
+                f"{source}: {dotted}.{name}: expected {_type_name(hints[name])}, got {value!r} ({type(value).__name__})"
+            )
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load, extend, override and validate a recipe.
+
+    ``path`` is a YAML file or the name of a bundled recipe
+    (``"lfvit_deit_s"``). ``overrides`` are OmegaConf dotlist strings.
+    Raises :class:`RecipeError` naming the file and key on any problem.
+    """
+    file = resolve_recipe_path(path)
+    layers = _read_layers(file)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise RecipeError(f"overrides must look like key=value; got {', '.join(bad)}")
+        try:
+            layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as exc:
+            raise RecipeError(f"command-line overrides: {exc}") from None
+    merged = OmegaConf.structured(RecipeSchema)
+    # which layer last set each plugin section, for messages
+    section_source = {dotted: "defaults" for dotted in PLUGIN_SECTIONS}
+    for source, layer in layers:
+        merged = _merge(merged, layer, source)
+        for dotted in PLUGIN_SECTIONS:
+            if _section(layer, dotted) is not None:
+                section_source[dotted] = source
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise RecipeError(f"{file}: required values not set: {', '.join(missing)}")
+    try:
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"{file}: {getattr(exc, 'full_key', '?')}: {str(exc).splitlines()[0]}") from None
+    for dotted, kind in PLUGIN_SECTIONS.items():
+        _validate_plugin_section(merged, dotted, kind, section_source[dotted])
+    if merged.model.stages not in (1, 2):
+        raise RecipeError(f"{file}: model.stages must be 1 or 2, got {merged.model.stages}")
+    merged.base = None
+    return merged
+
+
+def recipe_to_yaml(recipe: DictConfig) -> str:
+    """The fully resolved recipe as YAML, as ``dynvit show`` prints it."""
+    data = OmegaConf.to_container(recipe, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("base", None)
+    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -1,0 +1,168 @@
+"""Backbone plugins: timm Vision Transformers, shared by every stage."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from dynvit.registry import register
+from dynvit.stages import Backbone, BackboneOutput, Grid
+
+
+def _grid_key(grid: Grid) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+@register("backbone", "timm_vit")
+class TimmViT(Backbone):
+    """Any timm ``VisionTransformer`` with one position table per stage grid.
+
+    The wrapped model is ``self.model``: its patch embedding, CLS token,
+    blocks, final norm and head are used unchanged, and its own position
+    table serves the full-resolution grid. Each smaller stage grid gets its
+    own learnable table, initialised by resampling the full-resolution one.
+    Explicit dimensions (``embed_dim``, ``depth``...) override the
+    architecture's, which is how tests build tiny models.
+    """
+
+    def __init__(
+        self,
+        arch: str = "deit_small_patch16_224",
+        num_classes: int = 1000,
+        checkpoint: str | None = None,
+        patch_size: int | None = None,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        image_size: int = 224,
+        stage_image_sizes: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        overrides = {
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+        }
+        kwargs = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            model = timm.create_model(
+                arch,
+                pretrained=False,
+                num_classes=num_classes,
+                img_size=image_size,
+                drop_rate=drop_rate,
+                drop_path_rate=drop_path_rate,
+                **kwargs,
+            )
+        except RuntimeError as exc:
+            raise ValueError(f"timm cannot build {arch!r}: {exc}") from exc
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"{arch!r} is a {type(model).__name__}, not a timm VisionTransformer")
+        if model.cls_token is None or model.num_prefix_tokens != 1 or model.no_embed_class:
+            raise ValueError(
+                f"{arch!r} must have exactly one CLS token and a position table that covers it "
+                "(DeiT/ViT style); distilled, register-token and no_embed_class models are not supported"
+            )
+        self.model = model
+        self.embed_dim = model.embed_dim
+        self.num_classes = model.num_classes
+        self.depth = len(model.blocks)
+        self.patch_size = model.patch_embed.patch_size[0]
+        self.native_grid: Grid = tuple(model.patch_embed.grid_size)
+        self.stage_pos_embed = nn.ParameterDict()
+        for size in stage_image_sizes:
+            grid = self.grid_size(size)
+            if grid != self.native_grid:
+                self.stage_pos_embed[_grid_key(grid)] = nn.Parameter(self._resample_native(grid))
+        self._capture: dict[int, Tensor] | None = None
+        for index, block in enumerate(model.blocks):
+            block.attn.qkv.register_forward_hook(functools.partial(self._capture_class_attention, index))
+        if checkpoint:
+            from dynvit.weights import load_backbone_checkpoint
+
+            load_backbone_checkpoint(self, checkpoint)
+
+    # -- geometry -----------------------------------------------------------
+
+    def grid_size(self, image_size: int | Sequence[int]) -> Grid:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}; use a multiple of {p}")
+        return (h // p, w // p)
+
+    def _resample_native(self, grid: Grid) -> Tensor:
+        with torch.no_grad():
+            return resample_abs_pos_embed(
+                self.model.pos_embed.detach(), new_size=list(grid), old_size=list(self.native_grid), num_prefix_tokens=1
+            ).clone()
+
+    def reset_stage_position_embeddings(self) -> None:
+        """Resample every smaller stage's table from the full-resolution one (after loading weights)."""
+        for key in self.stage_pos_embed:
+            grid = tuple(int(x) for x in key.split("x"))
+            self.stage_pos_embed[key].data.copy_(self._resample_native(grid))
+
+    def position_embedding(self, grid: Grid) -> Tensor:
+        if grid == self.native_grid:
+            return self.model.pos_embed
+        try:
+            return self.stage_pos_embed[_grid_key(grid)]
+        except KeyError:
+            known = [_grid_key(self.native_grid), *self.stage_pos_embed.keys()]
+            raise ValueError(
+                f"no position table for a {_grid_key(grid)} grid; this backbone has {', '.join(known)}"
+            ) from None
+
+    # -- tokens ---------------------------------------------------------------
+
+    def embed_patches(self, images: Tensor, index: Tensor | None = None) -> Tensor:
+        proj = self.model.patch_embed.proj
+        norm = self.model.patch_embed.norm
+        if index is None:
+            return norm(proj(images).flatten(2).transpose(1, 2))
+        # embed only the selected patches: the patch projection is a linear map of each patch's pixels
+        p = self.patch_size
+        b, c, h, w = images.shape
+        pixels = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        pixels = torch.gather(pixels, 1, index.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))
+        return norm(F.linear(pixels, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))
+
+    def encode(self, tokens: Tensor, cls_position: Tensor, attention_blocks: Sequence[int] = ()) -> BackboneOutput:
+        model = self.model
+        cls = (model.cls_token + cls_position).expand(tokens.shape[0], -1, -1)
+        x = model.pos_drop(torch.cat([cls, tokens], dim=1))
+        x = model.norm_pre(x)
+        self._capture = {b: None for b in attention_blocks} if attention_blocks else None
+        try:
+            x = model.blocks(x)
+            captured = self._capture or {}
+        finally:
+            self._capture = None
+        x = model.norm(x)
+        return BackboneOutput(logits=model.forward_head(x), tokens=x, class_attention=dict(captured))
+
+    def _capture_class_attention(self, index: int, module: nn.Module, args: tuple, qkv: Tensor) -> None:
+        """qkv hook: the CLS query's attention row, computed alone (timm keeps its fused kernel)."""
+        if self._capture is None or index not in self._capture:
+            return
+        attn = self.model.blocks[index].attn
+        b, n, _ = qkv.shape
+        heads, dim = attn.num_heads, attn.head_dim
+        qkv = qkv.detach().reshape(b, n, 3, heads, dim)
+        q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, H, 1, d)
+        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, d)
+        scores = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+        self._capture[index] = scores.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)

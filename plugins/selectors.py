@@ -1,0 +1,201 @@
+"""Region selectors: which full-resolution tokens stage 2 computes.
+
+LF-ViT's NGCA and every alternative the paper ablates (Table 6, Fig. 5),
+plus CF-ViT-style top-K. All are vectorised over the batch and over
+windows: the window scores are one box filter, the choice one argmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynvit.registry import register
+from dynvit.stages import Grid, RegionSelector, Selection, Stage1Output
+
+
+def global_class_attention(class_attention: dict[int, Tensor], blocks: list[int], beta: float) -> Tensor:
+    """Eq. 8: g = beta * g + (1 - beta) * a_l over ``blocks`` in order, from g = 0. (B, N1)."""
+    g = torch.zeros_like(class_attention[blocks[0]])
+    for block in blocks:
+        g = beta * g + (1 - beta) * class_attention[block]
+    return g
+
+
+def window_sums(gca: Tensor, grid: Grid, size: int) -> Tensor:
+    """Sum of the GCA inside every ``size`` x ``size`` window, stride 1: (B, rows-size+1, cols-size+1)."""
+    maps = gca.reshape(-1, 1, *grid)
+    return (F.avg_pool2d(maps, size, stride=1) * (size * size)).squeeze(1)
+
+
+def window_cells(corner: Tensor, size: int, grid: Grid) -> Tensor:
+    """Flat stage-1 indices of the windows with top-left cells ``corner`` (B, 2): (B, size*size)."""
+    offsets = torch.arange(size, device=corner.device)
+    rows = corner[:, :1, None] + offsets[None, :, None]  # (B, size, 1)
+    cols = corner[:, 1:, None] + offsets[None, None, :]  # (B, 1, size)
+    return (rows * grid[1] + cols).reshape(corner.shape[0], -1)
+
+
+def children(kept: Tensor, grid1: Grid, grid2: Grid) -> Tensor:
+    """Full-resolution cells under each kept stage-1 cell, grouped per cell: (B, K * s * s)."""
+    scale = grid2[0] // grid1[0]
+    if grid2 != (grid1[0] * scale, grid1[1] * scale):
+        raise ValueError(f"the full-resolution grid {grid2} is not an integer multiple of the stage-1 grid {grid1}")
+    rows, cols = kept // grid1[1], kept % grid1[1]
+    off = torch.arange(scale, device=kept.device)
+    r = rows[:, :, None, None] * scale + off[None, None, :, None]
+    c = cols[:, :, None, None] * scale + off[None, None, None, :]
+    return (r * grid2[1] + c).reshape(kept.shape[0], -1)
+
+
+def complement(kept: Tensor, total: int) -> Tensor:
+    """Indices in [0, total) not in ``kept``, ascending: (B, total - K)."""
+    mask = torch.ones(kept.shape[0], total, dtype=torch.bool, device=kept.device)
+    mask.scatter_(1, kept, False)
+    order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)
+    return order[:, : total - kept.shape[1]]
+
+
+@register("region_selector", "full_image")
+class FullImageSelector(RegionSelector):
+    """No region identification: stage 2 sees every full-resolution token (Fig. 5)."""
+
+    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
+        return Selection.whole_image(stage1.logits.shape[0], stage1.grid, grid2, stage1.logits.device)
+
+
+class GCASelector(RegionSelector):
+    """Shared machinery: GCA accumulated over blocks ``first_block``..end, K = ceil(alpha * m^2)."""
+
+    def __init__(self, region: int = 5, alpha: float = 0.88, beta: float = 0.99, first_block: int = 3) -> None:
+        super().__init__()
+        if region < 1:
+            raise ValueError(f"region size must be >= 1, got {region}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.region = region
+        self.alpha = alpha
+        self.beta = beta
+        self.first_block = first_block
+        self.num_kept = math.ceil(round(alpha * region * region, 6))
+
+    def attention_blocks(self, depth: int) -> list[int]:
+        if not 0 <= self.first_block < depth:
+            raise ValueError(f"first_block={self.first_block} is outside the backbone's {depth} blocks")
+        return list(range(self.first_block, depth))
+
+    def gca(self, stage1: Stage1Output) -> Tensor:
+        blocks = sorted(b for b in stage1.class_attention if b >= self.first_block)
+        if not blocks:
+            raise ValueError(f"stage 1 returned no class attention from block {self.first_block} on")
+        return global_class_attention(stage1.class_attention, blocks, self.beta)
+
+    def check_grid(self, grid: Grid) -> None:
+        if self.region > min(grid):
+            raise ValueError(
+                f"region size {self.region} does not fit the stage-1 grid {grid[0]}x{grid[1]}; use at most {min(grid)}"
+            )
+
+    def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
+        """(B, N1) GCA -> (B, 2) top-left (row, col) of the window."""
+        raise NotImplementedError
+
+    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
+        grid = stage1.grid
+        self.check_grid(grid)
+        gca = self.gca(stage1)
+        corner = self.choose_window(gca, grid)
+        cells = window_cells(corner, self.region, grid)
+        top = torch.topk(torch.gather(gca, 1, cells), self.num_kept, dim=1, sorted=True).indices
+        kept = torch.gather(cells, 1, top)
+        size = torch.full_like(corner, self.region)
+        return Selection(
+            full_index=children(kept, grid, grid2),
+            reuse_index=complement(kept, grid[0] * grid[1]),
+            region=torch.cat([corner, size], dim=1),
+            kept=kept,
+        )
+
+
+def _corner_of_flat(index: Tensor, cols: int) -> Tensor:
+    return torch.stack([index // cols, index % cols], dim=1)
+
+
+def _centred_corner(cell: Tensor, grid: Grid, size: int) -> Tensor:
+    """Top-left of the window centred on ``cell`` (B,), clamped inside the grid."""
+    rows, cols = cell // grid[1], cell % grid[1]
+    half = (size - 1) // 2
+    return torch.stack(
+        [(rows - half).clamp(0, grid[0] - size), (cols - half).clamp(0, grid[1] - size)],
+        dim=1,
+    )
+
+
+@register("region_selector", "ngca")
+class NGCASelector(GCASelector):
+    """LF-ViT: the window with the largest summed GCA (ties: the first in row-major order)."""
+
+    def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
+        sums = window_sums(gca, grid, self.region)
+        return _corner_of_flat(sums.flatten(1).argmax(dim=1), sums.shape[-1])
+
+
+@register("region_selector", "negative_ngca")
+class NegativeNGCASelector(GCASelector):
+    """Table 6: the window with the smallest summed GCA."""
+
+    def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
+        sums = window_sums(gca, grid, self.region)
+        return _corner_of_flat(sums.flatten(1).argmin(dim=1), sums.shape[-1])
+
+
+@register("region_selector", "max_gca")
+class MaxGCASelector(GCASelector):
+    """Table 6: the window centred (as far as the grid allows) on the highest-GCA token."""
+
+    def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
+        return _centred_corner(gca.argmax(dim=1), grid, self.region)
+
+
+@register("region_selector", "min_gca")
+class MinGCASelector(GCASelector):
+    """Table 6: the window centred (as far as the grid allows) on the lowest-GCA token."""
+
+    def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
+        return _centred_corner(gca.argmin(dim=1), grid, self.region)
+
+
+@register("region_selector", "random")
+class RandomSelector(GCASelector):
+    """Table 6: a uniformly random window, reproducible from ``seed``; top-K inside still by GCA."""
+
+    def __init__(
+        self, region: int = 5, alpha: float = 0.88, beta: float = 0.99, first_block: int = 3, seed: int = 0
+    ) -> None:
+        super().__init__(region, alpha, beta, first_block)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
+        spots = (grid[0] - self.region + 1) * (grid[1] - self.region + 1)
+        flat = torch.randint(spots, (gca.shape[0],), generator=self.generator).to(gca.device)
+        return _corner_of_flat(flat, grid[1] - self.region + 1)
+
+
+@register("region_selector", "topk_gca")
+class TopKGCASelector(GCASelector):
+    """CF-ViT style: the K highest-GCA tokens anywhere, no window (same K as NGCA)."""
+
+    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
+        grid = stage1.grid
+        self.check_grid(grid)
+        kept = torch.topk(self.gca(stage1), self.num_kept, dim=1, sorted=True).indices
+        rows, cols = kept // grid[1], kept % grid[1]
+        lo_r, lo_c = rows.amin(1), cols.amin(1)
+        region = torch.stack([lo_r, lo_c, rows.amax(1) - lo_r + 1, cols.amax(1) - lo_c + 1], dim=1)
+        return Selection(children(kept, grid, grid2), complement(kept, grid[0] * grid[1]), region, kept)
