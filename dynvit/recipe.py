@@ -9,20 +9,19 @@ message that names the key and the file it came from.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import typing
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynvit.evaluation.config import EvalConfig
 from dynvit.registry import PluginError, constructor_parameters, registry
-from dynvit.training.config import DataConfig, TrainConfig
 
 # recipe section -> stage kind of the plugin it names
 PLUGIN_SECTIONS: dict[str, str] = {
@@ -69,16 +68,27 @@ class ModelConfig:
     exit: dict[str, Any] = _plugin("confidence")
 
 
-@dataclass
-class RecipeSchema:
-    """The whole recipe; ``base`` is consumed while loading."""
+@functools.cache
+def recipe_schema() -> type:
+    """The whole recipe as a structured-config dataclass; ``base`` is consumed while loading.
 
-    base: str | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: dict[str, Any] = _plugin("ce")
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    Built on first use: the ``data``, ``train`` and ``eval`` sections live
+    next to the code that reads them, whose packages import this module.
+    """
+    from dynvit.evaluation.config import EvalConfig
+    from dynvit.training.config import DataConfig, TrainConfig
+
+    return make_dataclass(
+        "RecipeSchema",
+        [
+            ("base", Optional[str], None),  # noqa: UP045 - evaluated at run time by OmegaConf
+            ("model", ModelConfig, field(default_factory=ModelConfig)),
+            ("loss", dict[str, Any], _plugin("ce")),
+            ("data", DataConfig, field(default_factory=DataConfig)),
+            ("train", TrainConfig, field(default_factory=TrainConfig)),
+            ("eval", EvalConfig, field(default_factory=EvalConfig)),
+        ],
+    )
 
 
 def bundled_recipes_dir() -> Path:
@@ -273,7 +283,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
             layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
         except OmegaConfBaseException as exc:
             raise RecipeError(f"command-line overrides: {exc}") from None
-    merged = OmegaConf.structured(RecipeSchema)
+    merged = OmegaConf.structured(recipe_schema())
     # which layer last set each plugin section, for messages
     section_source = {dotted: "defaults" for dotted in PLUGIN_SECTIONS}
     for source, layer in layers:

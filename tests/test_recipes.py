@@ -1,0 +1,147 @@
+"""Recipes: inheritance, overrides, validation messages, and ``dynvit show``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from dynvit import RecipeError, build_pipeline, load_recipe
+from dynvit.cli import main
+from dynvit.recipe import RecipeWarning, bundled_recipe_names
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_every_bundled_recipe_loads():
+    names = bundled_recipe_names()
+    assert {"lfvit_deit_s", "lfvit_star_deit_s", "deit_s", "quickstart"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.model.stages in (1, 2)
+
+
+def test_base_inheritance_and_override_order(tmp_path):
+    star = load_recipe("lfvit_star_deit_s")
+    assert star.model.image_size == 288
+    assert star.model.selector.region == 8
+    assert star.model.selector.alpha == 0.88  # inherited from the base
+    child = write(tmp_path / "child.yaml", "base: lfvit_star_deit_s.yaml\nmodel: {selector: {alpha: 0.5}}\n")
+    recipe = load_recipe(child, ["model.selector.alpha=0.7"])
+    assert recipe.model.selector.alpha == 0.7  # the command line wins over the file
+    assert recipe.model.selector.region == 8
+
+
+def test_relative_base_next_to_the_file(tmp_path):
+    write(tmp_path / "parent.yaml", "model: {image_size: 96}\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\nmodel: {stages: 1}\n")
+    recipe = load_recipe(child)
+    assert recipe.model.image_size == 96 and recipe.model.stages == 1
+
+
+def test_switching_plugin_type_keeps_shared_arguments_and_drops_the_rest():
+    with pytest.warns(RecipeWarning, match="dropping arguments it does not take: region, alpha, beta, first_block"):
+        recipe = load_recipe("lfvit_deit_s", ["model.selector.type=full_image"])
+    assert dict(recipe.model.selector) == {"type": "full_image"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        random = load_recipe("lfvit_star_deit_s", ["model.selector.type=random"])
+    assert random.model.selector.region == 8 and random.model.selector.type == "random"
+
+
+def test_unknown_plugin_lists_the_registered_ones():
+    with pytest.raises(RecipeError) as err:
+        load_recipe("lfvit_deit_s", ["model.selector.type=ngcaa"])
+    message = str(err.value)
+    assert "unknown region_selector plugin 'ngcaa'" in message
+    assert "registered: full_image, max_gca, min_gca, negative_ngca, ngca, random, topk_gca" in message
+    assert "command-line overrides" in message
+
+
+def test_unknown_plugin_argument_names_key_file_and_accepted(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "base: lfvit_deit_s.yaml\nmodel: {selector: {regoin: 4}}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    message = str(err.value)
+    assert str(bad) in message
+    assert "model.selector.regoin: unknown key for region_selector 'ngca'" in message
+    assert "accepted keys: region, alpha, beta, first_block" in message
+
+
+def test_unknown_section_key_names_the_file(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "model: {imgae_size: 224}\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml: model\.imgae_size"):
+        load_recipe(bad)
+
+
+def test_bad_types_are_named(tmp_path):
+    with pytest.raises(RecipeError, match=r"model\.image_size"):
+        load_recipe(write(tmp_path / "a.yaml", "model: {image_size: big}\n"))
+    with pytest.raises(RecipeError, match=r"model\.selector\.region: expected int, got 'five'"):
+        load_recipe("lfvit_deit_s", ["model.selector.region=five"])
+    with pytest.raises(RecipeError, match=r"model\.exit\.threshold: expected float"):
+        load_recipe("lfvit_deit_s", ["model.exit.threshold=high"])
+
+
+def test_missing_required_value(tmp_path):
+    template = write(tmp_path / "m.yaml", "model:\n  selector:\n    type: ngca\n    region: ???\n")
+    with pytest.raises(RecipeError, match=r"m\.yaml: required values not set: model\.selector\.region"):
+        load_recipe(template)
+    assert load_recipe(template, ["model.selector.region=3"]).model.selector.region == 3
+
+
+def test_missing_file_lists_bundled_recipes():
+    with pytest.raises(RecipeError, match=r"recipe file not found: nope\.yaml.*lfvit_deit_s"):
+        load_recipe("nope.yaml")
+
+
+def test_missing_base_and_cycles(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found: gone.yaml"):
+        load_recipe(write(tmp_path / "x.yaml", "base: gone.yaml\n"))
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_pipeline_supplied_arguments_cannot_be_set(tmp_path):
+    with pytest.raises(RecipeError, match=r"model\.fuser\.embed_dim is set by the pipeline"):
+        load_recipe("lfvit_deit_s", ["model.fuser.embed_dim=8"])
+
+
+def test_malformed_override():
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe("lfvit_deit_s", ["model.selector.region"])
+
+
+def test_show_prints_the_resolved_recipe(capsys):
+    assert main(["show", "lfvit_star_deit_s", "model.selector.type=random"]) == 0
+    out = capsys.readouterr().out
+    assert "type: random" in out and "region: 8" in out and "image_size: 288" in out
+    assert "base:" not in out
+
+
+def test_show_exits_nonzero_with_the_message():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynvit.cli", "show", "lfvit_deit_s", "model.selector.type=nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "unknown region_selector plugin 'nope'" in proc.stderr
+
+
+def test_ablation_is_one_override_and_builds():
+    recipe = load_recipe(
+        "quickstart",
+        ["model.backbone.depth=2", "model.backbone.embed_dim=16", "model.backbone.num_heads=2"]
+        + ["model.selector.type=negative_ngca", "model.selector.first_block=0", "loss.type=ce_ce"],
+    )
+    pipe = build_pipeline(recipe)
+    assert type(pipe.selector).__name__ == "NegativeNGCASelector"
+    assert type(pipe.loss).__name__ == "CEPlusCE"
