@@ -1,27 +1,89 @@
-"""Recipe schema of the ``data`` and ``train`` sections."""
+"""Recipe schema of the ``data`` and ``train`` sections.
+
+The defaults are DeiT's (Touvron et al. 2021), which LF-ViT follows "strictly":
+AdamW, lr 5e-4 per 512 images of global batch, weight decay 0.05, 5 warmup
+epochs, cosine decay to 1e-5, RandAugment, random erasing, mixup + cutmix,
+label smoothing 0.1 and repeated augmentation. Recipes override what differs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
 class DataConfig:
     """Where images come from and how they are prepared."""
 
-    source: str = "quickstart"  # quickstart | imagefolder | disk
+    # quickstart: the embedded data set (built and cached on first use);
+    # imagefolder: `path` holds train/ and val/ with one folder per class (ImageNet layout);
+    # disk: `path` is a DatasetDict written by `datasets.Dataset.save_to_disk`
+    source: str = "quickstart"
     path: str | None = None
+    cache_dir: str | None = None  # Hugging Face / quickstart cache; None: their defaults
     train_split: str = "train"
-    val_split: str = "validation"
-    num_workers: int = 2
+    val_split: str = "validation"  # the imagefolder builder names the val/ folder "validation"
+    image_column: str = "image"
+    label_column: str = "label"
+    num_workers: int = 2  # DataLoader worker processes per training process (decoding + augmentation)
+    train_limit: int | None = None  # use only the first N training images (smoke tests)
+    val_limit: int | None = None
+    # evaluation preprocessing: resize to image_size / crop_pct, centre crop, normalise
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings; DeiT's defaults where the paper follows DeiT."""
 
-    epochs: int = 1
-    batch_size: int = 64
+    # -- length and batch ------------------------------------------------------
+    epochs: int = 300
+    full_image_epochs: int = 0  # LF-ViT: stage 2 sees the whole image for the first N epochs (230 of 350)
+    batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum_steps
+    grad_accum_steps: int = 1
+    # -- optimiser and schedule (timm.optim / timm.scheduler) ---------------------
+    opt: str = "adamw"
+    lr: float = 5e-4  # at a global batch of lr_base_batch; scaled linearly to the actual global batch
+    lr_base_batch: int | None = 512  # None: use lr as given
+    weight_decay: float = 0.05  # not applied to biases, norms, position tables and the CLS token
+    opt_eps: float = 1e-8
+    momentum: float = 0.9  # SGD-type optimisers only
+    clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    sched: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    cooldown_epochs: int = 0
+    # -- precision and devices ------------------------------------------------------
+    mixed_precision: str | None = None  # no | bf16 | fp16; None: what `accelerate launch`/config says
+    cpu: bool = False  # force the CPU even where a GPU is available
+    # -- augmentation and regularisation (timm.data) ------------------------------
+    aa: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment policy string; None: off
+    color_jitter: float = 0.3  # unused while a RandAugment policy is set
+    hflip: float = 0.5
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"
+    recount: int = 1
+    repeated_aug: int = 3  # DeiT's repeated augmentation: each image appears this many times per epoch
+    mixup: float = 0.8  # mixup alpha; 0: off
+    cutmix: float = 1.0  # cutmix alpha; 0: off
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1  # label smoothing (folded into the mixup targets)
+    ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
+    ema_decay: float = 0.99996
+    # -- bookkeeping -----------------------------------------------------------------
     seed: int = 0
-    full_image_epochs: int = 0
     output_dir: str = "runs/default"
+    checkpoint_every_steps: int = 0  # also save `last` every N optimiser steps; 0: at epoch ends only
+    keep_step_checkpoints: bool = False  # keep each of those as checkpoints/step_N as well
+    tensorboard: bool = False  # log through Accelerate's TensorBoard tracker (needs `pip install tensorboard`)
+    log_every_steps: int = 50  # tracker logging interval

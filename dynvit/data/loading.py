@@ -1,0 +1,402 @@
+"""Images for training and evaluation, through Hugging Face ``datasets`` and timm's transforms.
+
+Three sources, named by ``data.source`` in a recipe:
+
+- ``imagefolder``: ``data.path`` in the ImageNet layout, ``train/<class>/*.JPEG``
+  and ``val/<class>/*.JPEG``, read by the ``imagefolder`` builder (cached as
+  Arrow by ``datasets`` on first use);
+- ``disk``: a ``DatasetDict`` written by ``save_to_disk`` (``load_from_disk``);
+- ``quickstart``: the embedded data set of :mod:`dynvit.data.quickstart`.
+
+Decoding and augmentation run in the DataLoader workers. Training shards are
+disjoint across ranks and every draw carries its own augmentation seed, so the
+images a step sees depend only on ``(train.seed, epoch, position)``: a resumed
+run replays them exactly, whatever the number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+SOURCES = ("quickstart", "imagefolder", "disk")
+# split name -> folder names the imagefolder builder maps to it
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation", "valid"), "test": ("test",)}
+
+
+class DataError(ValueError):
+    """Data that cannot be used with a recipe; the message names the problem and the fix."""
+
+
+# -- sources ---------------------------------------------------------------------
+
+
+def _image_extensions() -> set[str]:
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        return {e.lower() for e in ImageFolder.EXTENSIONS}
+    except (ImportError, AttributeError):
+        from PIL import Image
+
+        return {e.lower() for e in Image.registered_extensions()}
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    for name in SPLIT_FOLDERS.get(split, (split,)):
+        if (root / name).is_dir():
+            return root / name
+    expected = " or ".join(f"{root / n}/" for n in SPLIT_FOLDERS.get(split, (split,)))
+    raise DataError(
+        f"data.path={root} has no folder for the {split!r} split (expected {expected}); "
+        "use the ImageNet layout: PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG"
+    )
+
+
+def _has_image(folder: Path, extensions: set[str]) -> bool:
+    walk = (files for _, _, files in os.walk(folder))
+    return any(os.path.splitext(f)[1].lower() in extensions for files in walk for f in files)
+
+
+def _folder_classes(folder: Path) -> list[str]:
+    """Class folders of one split, after checking that each holds at least one image."""
+    extensions = _image_extensions()
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        loose = _has_image(folder, extensions)
+        what = "images but no class folders" if loose else "no images"
+        raise DataError(f"{folder} holds {what}; put each class's images in their own folder: {folder}/<class>/<image>")
+    empty = [c for c in classes if not _has_image(folder / c, extensions)]
+    if empty:
+        shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
+        raise DataError(
+            f"{folder}: no images in the class folder(s) {shown} (looked for {', '.join(sorted(extensions)[:6])}...); "
+            "add images or remove the empty folders"
+        )
+    return classes
+
+
+def check_imagefolder(root: str | Path, splits: tuple[str, ...] = ("train", "validation")) -> list[str]:
+    """Check an ImageNet-layout folder before anything is built; returns the class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.path={root} does not exist; point data.path at a folder with train/ and val/")
+    found = {split: _folder_classes(_split_folder(root, split)) for split in splits}
+    reference_split, reference = next(iter(found.items()))
+    for split, classes in found.items():
+        if classes != reference:
+            only_ref = sorted(set(reference) - set(classes))
+            only_this = sorted(set(classes) - set(reference))
+            details = []
+            if only_ref:
+                details.append(f"only in {reference_split}: {', '.join(only_ref[:8])}")
+            if only_this:
+                details.append(f"only in {split}: {', '.join(only_this[:8])}")
+            raise DataError(
+                f"the class folders of {reference_split} and {split} under {root} differ "
+                f"({'; '.join(details)}); both splits need the same class folders, or labels would not match"
+            )
+    return reference
+
+
+@functools.lru_cache(maxsize=4)
+def _load_source(source: str, path: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    if source == "quickstart":
+        from dynvit.data.quickstart import load_quickstart
+
+        return load_quickstart(cache_dir=cache_dir)
+    if path is None:
+        raise DataError(f"data.source={source} needs data.path")
+    if source == "imagefolder":
+        return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+    if source == "disk":
+        if not Path(path).is_dir():
+            raise DataError(f"data.path={path} does not exist; give the folder written by DatasetDict.save_to_disk")
+        loaded = datasets.load_from_disk(path)
+        if not isinstance(loaded, datasets.DatasetDict):
+            raise DataError(
+                f"{path} holds a single Dataset; save a DatasetDict with train and validation splits "
+                "(DatasetDict({'train': ..., 'validation': ...}).save_to_disk(path))"
+            )
+        return loaded
+    raise DataError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
+
+
+def load_split(recipe: DictConfig, split: str) -> datasets.Dataset:
+    """One split of the recipe's data set, with only the image and label columns."""
+    data = recipe.data
+    if data.source == "imagefolder" and data.path is not None:
+        _split_folder(Path(data.path), split)
+    dsd = _load_source(str(data.source), data.path, data.cache_dir)
+    if split not in dsd:
+        raise DataError(f"the {data.source} data set has no split {split!r}; its splits are {', '.join(dsd)}")
+    ds = dsd[split]
+    missing = [c for c in (data.image_column, data.label_column) if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"split {split!r} has no column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}); "
+            "set data.image_column / data.label_column"
+        )
+    return ds.select_columns([data.image_column, data.label_column])
+
+
+def _label_names(ds: datasets.Dataset, column: str) -> list[str] | None:
+    feature = ds.features[column]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def class_names(recipe: DictConfig) -> list[str]:
+    """Class names in label order."""
+    data = recipe.data
+    if data.source == "imagefolder" and data.path is not None:
+        return check_imagefolder(data.path, (data.train_split,))
+    ds = load_split(recipe, data.train_split)
+    names = _label_names(ds, data.label_column)
+    if names is None:
+        return [str(i) for i in range(int(max(ds[data.label_column])) + 1)]
+    return names
+
+
+def validate_data(recipe: DictConfig) -> list[str]:
+    """Check the recipe's data before training; returns the class names.
+
+    Catches an empty folder, train/val class lists that differ and a
+    class count the model's head does not have.
+    """
+    data = recipe.data
+    if data.source not in SOURCES:
+        raise DataError(f"data.source={data.source!r} is not one of {', '.join(SOURCES)}")
+    splits = (data.train_split, data.val_split)
+    if data.source == "imagefolder":
+        if data.path is None:
+            raise DataError("data.source=imagefolder needs data.path: a folder with train/ and val/ class folders")
+        names = check_imagefolder(data.path, splits)
+    else:
+        loaded = [load_split(recipe, split) for split in splits]
+        for split, ds in zip(splits, loaded):
+            if len(ds) == 0:
+                raise DataError(f"split {split!r} of the {data.source} data set has no images")
+        names_per_split = [_label_names(ds, data.label_column) for ds in loaded]
+        if names_per_split[0] != names_per_split[1]:
+            raise DataError(
+                f"the class lists of {splits[0]!r} and {splits[1]!r} differ ({names_per_split[0]} vs "
+                f"{names_per_split[1]}); both splits must use the same ClassLabel feature"
+            )
+        names = class_names(recipe)
+    num_classes = recipe.model.backbone.get("num_classes")
+    if num_classes is not None and int(num_classes) != len(names):
+        raise DataError(
+            f"the data has {len(names)} classes but model.backbone.num_classes={num_classes}; "
+            f"set model.backbone.num_classes={len(names)}"
+        )
+    return names
+
+
+# -- transforms ---------------------------------------------------------------------
+
+
+def normalisation(recipe: DictConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the loaders normalise with."""
+    return tuple(recipe.data.mean), tuple(recipe.data.std)
+
+
+def build_transform(recipe: DictConfig, train: bool) -> Callable:
+    """timm's transforms: DeiT's augmentation for training, resize + centre crop for evaluation."""
+    data, size = recipe.data, int(recipe.model.image_size)
+    mean, std = normalisation(recipe)
+    if not train:
+        return create_transform(
+            size, is_training=False, interpolation=data.interpolation, crop_pct=data.crop_pct, mean=mean, std=std
+        )
+    cfg = recipe.train
+    transform = create_transform(
+        size,
+        is_training=True,
+        scale=tuple(cfg.scale),
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa or None,
+        interpolation=data.interpolation,
+        mean=mean,
+        std=std,
+        re_prob=cfg.reprob,
+        re_mode=cfg.remode,
+        re_count=cfg.recount,
+    )
+    _patch_posterize(transform)
+    return transform
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, keeping the behaviour DeiT trained with at 0 bits (a black image).
+
+    RandAugment with magnitude noise (``mstd0.5``) reaches the top level, where
+    ``PosterizeIncreasing`` keeps 0 bits; recent Pillow refuses that.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform: Any) -> None:
+    from timm.data import auto_augment
+
+    for stage in getattr(transform, "transforms", []):
+        for op in getattr(stage, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch for one sample's augmentation, then restore the caller's streams."""
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
+
+
+class ImageDataset(Dataset):
+    """A ``datasets.Dataset`` split decoded and transformed on access (in the DataLoader workers).
+
+    A key is an index, or ``(index, seed)`` from :class:`ShardSampler`, in
+    which case the augmentation runs under that seed.
+    """
+
+    def __init__(self, split: datasets.Dataset, transform: Callable, image_column: str, label_column: str) -> None:
+        self.split = split
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        row = self.split[int(index)]
+        image = row[self.image_column].convert("RGB")
+        if seed is None:
+            return self.transform(image), int(row[self.label_column])
+        with _seeded(int(seed)):
+            return self.transform(image), int(row[self.label_column])
+
+
+# -- samplers ---------------------------------------------------------------------------
+
+
+class ShardSampler(Sampler):
+    """One rank's disjoint share of a shuffled epoch, each draw with its augmentation seed.
+
+    The epoch's global order is a permutation drawn from ``(seed, epoch)``;
+    with ``repeats > 1`` each image is repeated in place and the order cut
+    back to the data set's length (DeiT's repeated augmentation). The order
+    is trimmed to a multiple of ``num_replicas`` and rank ``r`` takes
+    positions ``r, r + n, r + 2n...``, so the ranks' i-th batches together
+    are the single-process i-th batch of the same global size.
+    """
+
+    def __init__(
+        self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True, repeats: int = 1
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
+        self.seed, self.shuffle, self.repeats = seed, shuffle, max(1, repeats)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.num_replicas
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(epoch_seed))
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        order = order.repeat_interleave(self.repeats)[: self.size]
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        end = len(self) * self.num_replicas
+        positions = range(self.rank, end, self.num_replicas)
+        return iter([(int(order[p]), int(seeds[p])) for p in positions])
+
+
+def shard_range(size: int, num_replicas: int = 1, rank: int = 0) -> range:
+    """Rank ``rank``'s contiguous block of an evaluation split: disjoint, in order, no padding."""
+    return range(rank * size // num_replicas, (rank + 1) * size // num_replicas)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell a training loader's sampler which epoch's order to draw."""
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+# -- loaders -----------------------------------------------------------------------------
+
+
+def build_dataloader(
+    recipe: DictConfig,
+    split: str,
+    train: bool,
+    batch_size: int | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
+    limit: int | None = None,
+) -> DataLoader:
+    """Batches ``(images (B, 3, S, S) normalised, labels (B,) int64)`` of one split for one rank.
+
+    ``train=True``: DeiT augmentation, a shuffled disjoint shard, incomplete
+    batches dropped; call :func:`set_epoch` before each epoch. ``train=False``:
+    evaluation transforms, the rank's contiguous block of the split in order,
+    the last batch kept. ``limit`` keeps only the split's first ``limit`` images.
+    """
+    data = recipe.data
+    ds = load_split(recipe, split)
+    if limit is not None:
+        ds = ds.select(range(min(int(limit), len(ds))))
+    dataset = ImageDataset(ds, build_transform(recipe, train), data.image_column, data.label_column)
+    if batch_size is None:
+        batch_size = recipe.train.batch_size if train else recipe.eval.batch_size
+    if train:
+        sampler: Any = ShardSampler(
+            len(dataset), num_replicas, rank, seed=int(recipe.train.seed), repeats=int(recipe.train.repeated_aug)
+        )
+    else:
+        sampler = shard_range(len(dataset), num_replicas, rank)
+    workers = int(data.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        sampler=sampler,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        # the loader's own generator: creating an iterator must not consume the global RNG
+        generator=torch.Generator().manual_seed(int(recipe.train.seed)),
+        persistent_workers=False,
+    )
