@@ -7,6 +7,26 @@ from dataclasses import dataclass
 
 @dataclass
 class EvalConfig:
-    """How a checkpoint is evaluated."""
+    """How a checkpoint is evaluated (``dynvit eval``); every key can be overridden as ``eval.KEY=VALUE``."""
 
-    batch_size: int = 128
+    batch_size: int = 128  # images per forward pass while recording both stages' outputs
+    split: str | None = None  # data split to evaluate; None: the recipe's data.val_split
+    output_dir: str = "runs/eval"  # where metrics.json and the pictures go unless --out is given
+    # threshold sweep: eta = 0, step, 2 * step, ..., 1
+    eta_step: float = 0.01
+    # calibrated exits: eta chosen on a random `calibration_fraction` of the images, reported on the rest
+    budget_gflops: float | None = None  # largest expected GFLOPs per image (fvcore convention)
+    target_acc: float | None = None  # smallest top-1 accuracy, a fraction in [0, 1]
+    calibration_fraction: float = 0.5
+    calibration_seed: int = 0
+    # a plain model evaluated on the same images (for example the bundled `deit_s`)
+    baseline_recipe: str | None = None
+    baseline_checkpoint: str | None = None
+    # throughput of pipe.infer at the chosen eta against the plain backbone with the same weights
+    throughput: bool = True
+    throughput_batch: int = 64
+    throughput_repeats: int = 10
+    throughput_warmup: int = 3
+    amp: bool = False  # autocast while timing (bfloat16 on CPU and on GPUs that support it, else float16)
+    # regions.png: images shown per group ("exited at stage 1", "needed stage 2")
+    region_images: int = 8

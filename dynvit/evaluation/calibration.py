@@ -1,0 +1,118 @@
+"""Calibrated exits: pick eta on one part of the data, report it on a disjoint part.
+
+Choosing the threshold on the images it is then scored on flatters the
+figure; here a seeded random split decides which images calibrate and
+which are held out for the honest report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dynvit.evaluation.curve import Curve, eta_grid, exit_decisions, sweep
+from dynvit.evaluation.records import Records
+from dynvit.stages import ExitPolicy
+
+
+def split_indices(count: int, fraction: float = 0.5, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Disjoint sorted (calibration, held-out) indices covering ``range(count)``; neither is empty."""
+    if count < 2:
+        raise ValueError(f"calibration needs at least 2 images (one to calibrate, one to report on), got {count}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"eval.calibration_fraction must be in (0, 1), got {fraction}")
+    n_cal = min(max(round(count * fraction), 1), count - 1)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[:n_cal].sort().values, order[n_cal:].sort().values
+
+
+def choose_eta(curve: Curve, budget_gflops: float | None = None, target_acc: float | None = None) -> tuple[int, bool]:
+    """Grid position of the chosen threshold and whether it meets the constraint.
+
+    Budget: the most accurate threshold whose expected GFLOPs stay within the
+    budget (ties: the cheaper). Target: the cheapest threshold whose top-1
+    reaches the target (ties: the more accurate). When nothing qualifies, the
+    closest miss (cheapest, or most accurate) is returned with ``False``.
+    """
+    if (budget_gflops is None) == (target_acc is None):
+        raise ValueError("give exactly one of budget_gflops and target_acc")
+    top1, gflops = curve.top1.tolist(), curve.gflops.tolist()
+    positions = range(len(top1))
+    if budget_gflops is not None:
+        feasible = [i for i in positions if gflops[i] <= budget_gflops]
+        if feasible:
+            return min(feasible, key=lambda i: (-top1[i], gflops[i], i)), True
+        return min(positions, key=lambda i: (gflops[i], -top1[i], i)), False
+    feasible = [i for i in positions if top1[i] >= target_acc]
+    if feasible:
+        return min(feasible, key=lambda i: (gflops[i], -top1[i], i)), True
+    return min(positions, key=lambda i: (-top1[i], gflops[i], i)), False
+
+
+@dataclass
+class Calibration:
+    """A threshold chosen on the calibration images and its figures on both parts."""
+
+    mode: str  # "budget", "target" or "recipe" (the recipe's own threshold, nothing chosen)
+    eta: float
+    feasible: bool  # the constraint is met on the calibration images
+    budget_gflops: float | None
+    target_acc: float | None
+    fraction: float
+    seed: int
+    calibration_index: Tensor  # (N_cal,) indices into the records
+    heldout_index: Tensor  # (N_held,) disjoint from calibration_index
+    calibration: dict[str, float | int | None]  # Curve.point on the calibration images
+    heldout: dict[str, float | int | None]  # Curve.point on the held-out images
+
+
+def calibrate(
+    records: Records,
+    stage1_gflops: float,
+    stage2_gflops: float,
+    budget_gflops: float | None = None,
+    target_acc: float | None = None,
+    default_eta: float | None = None,
+    fraction: float = 0.5,
+    seed: int = 0,
+    etas: Tensor | None = None,
+    policy: ExitPolicy | None = None,
+) -> Calibration:
+    """Choose eta on a ``fraction`` of the images and report it on the others.
+
+    With neither ``budget_gflops`` nor ``target_acc``, ``default_eta`` (the
+    recipe's threshold) is reported on both parts unchanged.
+    """
+    if budget_gflops is not None and target_acc is not None:
+        raise ValueError("give a FLOPs budget or an accuracy target, not both")
+    if target_acc is not None and not 0 <= target_acc <= 1:
+        raise ValueError(f"the accuracy target is a fraction in [0, 1] (0.8 for 80%), got {target_acc}")
+    cal_index, held_index = split_indices(records.count, fraction, seed)
+    if budget_gflops is None and target_acc is None:
+        if default_eta is None:
+            raise ValueError("give budget_gflops, target_acc or default_eta")
+        mode, grid = "recipe", torch.tensor([float(default_eta)], dtype=torch.float64)
+    else:
+        mode, grid = ("budget" if budget_gflops is not None else "target"), (eta_grid() if etas is None else etas)
+    exits = exit_decisions(records.logits[0], grid, policy)
+    on_cal = sweep(records.subset(cal_index), stage1_gflops, stage2_gflops, grid, exits=exits[:, cal_index])
+    on_held = sweep(records.subset(held_index), stage1_gflops, stage2_gflops, grid, exits=exits[:, held_index])
+    if mode == "recipe":
+        chosen, feasible = 0, True
+    else:
+        chosen, feasible = choose_eta(on_cal, budget_gflops, target_acc)
+    return Calibration(
+        mode=mode,
+        eta=float(grid[chosen]),
+        feasible=feasible,
+        budget_gflops=budget_gflops,
+        target_acc=target_acc,
+        fraction=fraction,
+        seed=seed,
+        calibration_index=cal_index,
+        heldout_index=held_index,
+        calibration=on_cal.point(chosen),
+        heldout=on_held.point(chosen),
+    )

@@ -1,0 +1,410 @@
+"""What ``dynvit eval`` runs: build, record once, derive every figure, write the report."""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from dynvit.evaluation.calibration import calibrate
+from dynvit.evaluation.config import EvalConfig
+from dynvit.evaluation.curve import eta_grid, exit_decisions, sweep
+from dynvit.evaluation.plots import MarkedPoint, denormalise, plot_curve, plot_regions
+from dynvit.evaluation.records import Records, collect_records
+from dynvit.evaluation.report import (
+    FLOPS_CONVENTION,
+    SCHEMA_VERSION,
+    UNITS,
+    calibration_metrics,
+    curve_metrics,
+    throughput_metrics,
+    write_metrics,
+)
+from dynvit.evaluation.throughput import measure_throughput
+from dynvit.pipeline import DynamicPipeline, build_pipeline
+from dynvit.recipe import load_recipe, recipe_to_yaml
+
+RANDOM_WEIGHTS_WARNING = "no checkpoint given: these figures are for a RANDOMLY INITIALISED model"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StageFlops(Protocol):
+    """Per-image GFLOPs of a pipeline (``dynvit.flops.FlopsReport``)."""
+
+    stage1: float
+    stage2: float
+    full_resolution: float
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU; a clear error for CUDA without a GPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _stage_metrics(pipe: DynamicPipeline, records: Records, flops: StageFlops) -> list[dict[str, Any]]:
+    """Anytime accuracy: each stage's own prediction for every image."""
+    top5 = records.num_classes >= 5
+    if records.num_stages == 1:
+        grid = pipe.grid2
+        costs, names = [flops.full_resolution], [f"full resolution ({grid[0]}x{grid[1]} patches)"]
+    else:
+        g1 = pipe.grid1
+        costs = [flops.stage1, flops.stage1 + flops.stage2]
+        names = [f"stage 1 ({g1[0]}x{g1[1]} patches)", f"stage 2 ({pipe.stage2_length} tokens)"]
+    return [
+        {
+            "stage": stage,
+            "name": names[stage - 1],
+            "top1": float(records.correct(stage, 1).double().mean()),
+            "top5": float(records.correct(stage, 5).double().mean()) if top5 else None,
+            "gflops": costs[stage - 1],
+        }
+        for stage in range(1, records.num_stages + 1)
+    ]
+
+
+def _threshold(pipe: DynamicPipeline) -> float:
+    threshold = getattr(pipe.exit_policy, "threshold", None)
+    if threshold is None:
+        raise ValueError(f"exit policy {type(pipe.exit_policy).__name__} has no 'threshold'; it cannot be swept")
+    return float(threshold)
+
+
+def baseline_metrics(
+    pipe: DynamicPipeline,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    flops: StageFlops,
+    device: torch.device,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5 and cost of a baseline; a two-stage one is scored at its recipe's threshold."""
+    records = collect_records(pipe, batches, device, progress=progress, total=total, description="baseline")
+    result: dict[str, Any] = {"count": records.count, "eta": None, "exit_fraction": None}
+    if records.num_stages == 1:
+        result["top1"] = float(records.correct(1, 1).double().mean())
+        result["top5"] = float(records.correct(1, 5).double().mean()) if records.num_classes >= 5 else None
+        result["gflops"] = flops.full_resolution
+    else:
+        eta = _threshold(pipe)
+        grid = torch.tensor([eta], dtype=torch.float64)
+        point = sweep(records, flops.stage1, flops.stage2, grid, policy=pipe.exit_policy).point(0)
+        result.update({k: point[k] for k in ("eta", "top1", "top5", "exit_fraction", "gflops")})
+    return result
+
+
+def _paper_region(recipe: DictConfig | None) -> int | None:
+    """The region size m when ``recipe`` is the paper's DeiT-S LF-ViT at 224 (Table 2 applies), else None."""
+    if recipe is None:
+        return None
+    model = recipe.model
+    backbone, selector = model.backbone, model.selector
+    plain_deit_s = backbone.get("arch") == "deit_small_patch16_224" and all(
+        backbone.get(key) is None for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    )
+    if model.stages == 2 and model.image_size == 224 and plain_deit_s and selector.get("type") == "ngca":
+        return int(selector.get("region", 5))
+    return None
+
+
+def _tile(images: Tensor, batch: int) -> Tensor:
+    """``batch`` images from ``images``, repeated when there are fewer."""
+    repeats = -(-batch // images.shape[0])
+    return images.repeat(repeats, 1, 1, 1)[:batch]
+
+
+def evaluate_pipeline(
+    pipe: DynamicPipeline,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    out_dir: str | Path,
+    flops: StageFlops,
+    settings: EvalConfig | DictConfig | None = None,
+    *,
+    budget_gflops: float | None = None,
+    target_acc: float | None = None,
+    baseline: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: str | torch.device | None = None,
+    info: dict[str, Any] | None = None,
+    recipe: DictConfig | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a built pipeline over ``(images, labels)`` batches; write metrics.json and the PNGs to ``out_dir``.
+
+    ``info`` fills the descriptive fields of metrics.json (recipe name,
+    checkpoint, split, ...); ``baseline`` is a :func:`baseline_metrics`
+    result with ``recipe`` and ``checkpoint`` added; ``mean``/``std`` are the
+    data's normalisation, to show the images as they were.
+    """
+    settings = settings if settings is not None else EvalConfig()
+    info = dict(info or {})
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings_: list[str] = list(info.pop("warnings", []))
+    two_stage = pipe.num_stages == 2
+    budget_gflops = settings.budget_gflops if budget_gflops is None else budget_gflops
+    target_acc = settings.target_acc if target_acc is None else target_acc
+    _check_goal(budget_gflops, target_acc)
+
+    pipe.to(device)
+    pool = min(max(8 * settings.region_images, settings.throughput_batch), 256)
+    records = collect_records(pipe, batches, device, keep_images=pool, progress=progress, total=total)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(records.num_classes)]
+    if len(names) < records.num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {records.num_classes} classes")
+
+    curve = calibration = throughput = dynamic = None
+    files: dict[str, str | None] = {"metrics": "metrics.json", "curve": None, "regions": None, "recipe": None}
+    if two_stage:
+        policy, recipe_eta = pipe.exit_policy, _threshold(pipe)
+        curve = sweep(records, flops.stage1, flops.stage2, eta_grid(settings.eta_step), policy=policy)
+        one = torch.tensor([recipe_eta], dtype=torch.float64)
+        dynamic = sweep(records, flops.stage1, flops.stage2, one, policy=policy).point(0)
+        if records.count >= 2:
+            calibration = calibrate(
+                records,
+                flops.stage1,
+                flops.stage2,
+                budget_gflops=budget_gflops,
+                target_acc=target_acc,
+                default_eta=recipe_eta,
+                fraction=settings.calibration_fraction,
+                seed=settings.calibration_seed,
+                etas=eta_grid(settings.eta_step),
+                policy=policy,
+            )
+            if not calibration.feasible:
+                goal = f"{budget_gflops} GFLOPs" if budget_gflops is not None else f"top-1 {target_acc}"
+                warnings_.append(
+                    f"no threshold meets {goal} on the calibration images; eta={calibration.eta:.2f} is the closest"
+                )
+        else:
+            warnings_.append("fewer than 2 images: no calibration split")
+        eta = calibration.eta if calibration is not None else recipe_eta
+        chosen_point = sweep(
+            records, flops.stage1, flops.stage2, torch.tensor([eta], dtype=torch.float64), policy=policy
+        ).point(0)
+        how = calibration.mode if calibration is not None else "recipe"
+        label = f"eta={eta:.2f} ({how}), all {records.count} images"
+        if settings.throughput:
+            batch = _tile(records.images, settings.throughput_batch).to(device)
+            throughput = measure_throughput(
+                pipe, batch, eta, settings.throughput_repeats, settings.throughput_warmup, settings.amp
+            )
+        title = f"{info.get('recipe', 'model')} on {info.get('split', 'data')} ({records.count} images)"
+        if info.get("random_weights"):
+            title += " - RANDOM WEIGHTS"
+        chosen = MarkedPoint(label, chosen_point["top1"], chosen_point["gflops"])
+        marked_baseline = None
+        if baseline is not None:
+            name = f"baseline {baseline.get('recipe', '')}"
+            marked_baseline = MarkedPoint(name, baseline["top1"], baseline["gflops"])
+        plot_curve(curve, out_dir / "curve.png", title, chosen, marked_baseline, _paper_region(recipe))
+        files["curve"] = "curve.png"
+        shown = records.images.shape[0]
+        exits = exit_decisions(records.logits[0][:shown], torch.tensor([eta], dtype=torch.float64), policy)[0]
+        predictions = torch.where(exits, records.logits[0][:shown].argmax(-1), records.logits[1][:shown].argmax(-1))
+        plot_regions(
+            denormalise(records.images.float(), mean, std),
+            records.region[:shown],
+            records.kept[:shown],
+            pipe.grid1,
+            exits,
+            records.labels[:shown],
+            predictions,
+            records.probs(1)[:shown].amax(-1),
+            names,
+            eta,
+            out_dir / "regions.png",
+            settings.region_images,
+        )
+        files["regions"] = "regions.png"
+    if recipe is not None:
+        (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        files["recipe"] = "recipe.yaml"
+    if records.count < 100:
+        warnings_.append(f"only {records.count} images: accuracies are coarse (one image = {100 / records.count:.1f}%)")
+
+    metrics: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "units": UNITS,
+        "model": {
+            "recipe": info.get("recipe", "model"),
+            "overrides": list(info.get("overrides", [])),
+            "checkpoint": info.get("checkpoint"),
+            "random_weights": bool(info.get("random_weights", False)),
+            "stages": pipe.num_stages,
+            "image_size": pipe.image_size,
+            "num_classes": records.num_classes,
+            "exit_policy": type(pipe.exit_policy).__name__ if two_stage else None,
+            "recipe_eta": _threshold(pipe) if two_stage else None,
+            "stage1_grid": list(pipe.grid1) if two_stage else None,
+            "stage2_grid": list(pipe.grid2),
+            "stage2_tokens": pipe.stage2_length,
+        },
+        "data": {
+            "split": info.get("split"),
+            "count": records.count,
+            "batch_size": info.get("batch_size", settings.batch_size),
+            "limit": info.get("limit"),
+        },
+        "device": str(device),
+        "flops": {
+            "unit": "GFLOPs per image",
+            "convention": FLOPS_CONVENTION,
+            "stage1": float(flops.stage1) if two_stage else None,
+            "stage2": float(flops.stage2) if two_stage else None,
+            "full_resolution": float(flops.full_resolution),
+        },
+        "stages": _stage_metrics(pipe, records, flops),
+        "dynamic": dynamic,
+        "curve": curve_metrics(curve),
+        "calibration": calibration_metrics(calibration),
+        "baseline": baseline,
+        "throughput": throughput_metrics(throughput),
+        "files": files,
+        "warnings": warnings_,
+    }
+    write_metrics(metrics, out_dir / "metrics.json")
+    return metrics
+
+
+def _build(recipe: DictConfig, checkpoint: str | None, device: torch.device) -> DynamicPipeline:
+    from dynvit.weights import load_pipeline_weights
+
+    pipe = build_pipeline(recipe, with_loss=False)
+    if checkpoint is not None:
+        load_pipeline_weights(pipe, checkpoint)
+    return pipe.to(device).eval()
+
+
+def _check_goal(budget_gflops: float | None, target_acc: float | None) -> None:
+    if budget_gflops is not None and target_acc is not None:
+        raise ValueError("give either a FLOPs budget (--budget-gflops) or an accuracy target (--target-acc), not both")
+    if target_acc is not None and not 0 <= target_acc <= 1:
+        raise ValueError(f"--target-acc is a top-1 fraction in [0, 1] (0.8 for 80%), got {target_acc}")
+    if budget_gflops is not None and budget_gflops <= 0:
+        raise ValueError(f"--budget-gflops is GFLOPs per image and must be > 0, got {budget_gflops}")
+
+
+def _baseline_recipe(
+    baseline: str | Path | DictConfig, overrides: Sequence[str], recipe: DictConfig
+) -> tuple[str, DictConfig]:
+    """The baseline's recipe, reading the same data as ``recipe`` (its own image size and model)."""
+    name = "baseline" if isinstance(baseline, DictConfig) else str(baseline)
+    config = baseline if isinstance(baseline, DictConfig) else load_recipe(baseline, overrides)
+    ours, theirs = recipe.model.backbone.get("num_classes"), config.model.backbone.get("num_classes")
+    if ours != theirs:
+        raise ValueError(
+            f"the baseline {name} has {theirs} classes and the model {ours}; give the baseline "
+            f"--baseline-override model.backbone.num_classes={ours} (or a recipe of its own)"
+        )
+    same_data = OmegaConf.create({"data": OmegaConf.to_container(recipe.data, resolve=True)})
+    return name, typing.cast(DictConfig, OmegaConf.merge(config, same_data))
+
+
+def evaluate(
+    recipe: str | Path | DictConfig,
+    checkpoint: str | None,
+    out_dir: str | Path | None = None,
+    baseline_recipe: str | Path | DictConfig | None = None,
+    baseline_checkpoint: str | None = None,
+    budget_gflops: float | None = None,
+    target_acc: float | None = None,
+    device: str | torch.device | None = None,
+    limit: int | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    baseline_overrides: Sequence[str] = (),
+    recipe_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (None: random weights) of ``recipe`` on its evaluation split; returns the metrics.
+
+    Writes ``metrics.json``, ``curve.png``, ``regions.png`` and the resolved
+    ``recipe.yaml`` to ``out_dir`` (default: the recipe's ``eval.output_dir``).
+    ``overrides`` apply when ``recipe`` is a path or bundled name, and
+    ``baseline_overrides`` to the baseline's; the baseline reads the same
+    data as the model. Settings not passed here come from the recipe's
+    ``eval`` section.
+    """
+    from dynvit.data.loading import build_dataloader, class_names
+    from dynvit.flops import count_flops
+
+    if isinstance(recipe, DictConfig):
+        name = recipe_name or "recipe"
+    else:
+        name = recipe_name or str(recipe)
+        recipe = load_recipe(recipe, overrides)
+    settings = recipe.eval
+    budget_gflops = settings.budget_gflops if budget_gflops is None else budget_gflops
+    target_acc = settings.target_acc if target_acc is None else target_acc
+    _check_goal(budget_gflops, target_acc)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    device = resolve_device(device)
+    split = settings.split or recipe.data.val_split
+    out_dir = Path(out_dir if out_dir is not None else settings.output_dir)
+
+    def loader_for(config: DictConfig) -> Any:
+        return build_dataloader(config, split, train=False, batch_size=settings.batch_size, limit=limit)
+
+    baseline_recipe = baseline_recipe if baseline_recipe is not None else settings.baseline_recipe
+    baseline_checkpoint = baseline_checkpoint if baseline_checkpoint is not None else settings.baseline_checkpoint
+    warnings_ = [] if checkpoint is not None else [RANDOM_WEIGHTS_WARNING]
+    baseline = None
+    if baseline_recipe is not None:
+        base_name, base_config = _baseline_recipe(baseline_recipe, baseline_overrides, recipe)
+        base_pipe = _build(base_config, baseline_checkpoint, device)
+        base_loader = loader_for(base_config)
+        baseline = baseline_metrics(base_pipe, base_loader, count_flops(base_pipe), device, progress, len(base_loader))
+        baseline.update({"recipe": base_name, "checkpoint": baseline_checkpoint})
+        if baseline_checkpoint is None:
+            warnings_.append(f"no baseline checkpoint: the baseline {base_name} has RANDOM WEIGHTS")
+        del base_pipe
+
+    pipe = _build(recipe, checkpoint, device)
+    loader = loader_for(recipe)
+    info = {
+        "recipe": name,
+        "overrides": list(overrides),
+        "checkpoint": checkpoint,
+        "random_weights": checkpoint is None,
+        "split": split,
+        "batch_size": settings.batch_size,
+        "limit": limit,
+        "warnings": warnings_,
+    }
+    return evaluate_pipeline(
+        pipe,
+        loader,
+        out_dir,
+        count_flops(pipe),
+        settings,
+        budget_gflops=budget_gflops,
+        target_acc=target_acc,
+        baseline=baseline,
+        class_names=class_names(recipe),
+        mean=tuple(recipe.data.mean),
+        std=tuple(recipe.data.std),
+        device=device,
+        info=info,
+        recipe=recipe,
+        progress=progress,
+        total=len(loader),
+    )

@@ -1,0 +1,110 @@
+"""Wall-clock throughput of the dynamic path against the plain backbone with the same weights.
+
+Both are timed in the same run on the same batch, alternating so that
+neither always runs first (clock boosts and caches favour no one), with
+warm-up rounds excluded and the device synchronised around every timed call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dynvit.pipeline import DynamicPipeline
+
+
+@dataclass
+class Throughput:
+    """Timings of one batch, repeated; images per second from the median batch time."""
+
+    device: str
+    batch_size: int
+    repeats: int
+    warmup: int
+    eta: float
+    exit_fraction: float  # fraction of the timed batch that stops after stage 1
+    precision: str  # "float32", or the autocast dtype
+    dynamic_seconds: list[float]  # per timed batch, pipe.infer
+    full_seconds: list[float]  # per timed batch, pipe.run_full_resolution
+
+    @property
+    def dynamic_images_per_second(self) -> float:
+        return self.batch_size / statistics.median(self.dynamic_seconds)
+
+    @property
+    def full_images_per_second(self) -> float:
+        return self.batch_size / statistics.median(self.full_seconds)
+
+    @property
+    def speedup(self) -> float:
+        """Dynamic over plain throughput (> 1: the dynamic path is faster)."""
+        return self.dynamic_images_per_second / self.full_images_per_second
+
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, str]:
+    if not enabled:
+        return contextlib.nullcontext(), "float32"
+    half = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    dtype = torch.float16 if half else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype), str(dtype).removeprefix("torch.")
+
+
+def measure_throughput(
+    pipe: DynamicPipeline,
+    images: Tensor,
+    eta: float,
+    repeats: int = 10,
+    warmup: int = 3,
+    amp: bool = False,
+) -> Throughput:
+    """Time ``pipe.infer(images, eta)`` and ``pipe.run_full_resolution(images)`` on ``images``' device."""
+    if pipe.num_stages != 2:
+        raise ValueError("throughput compares the dynamic path with the plain backbone; this is a one-stage model")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = images.device
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast, precision = _autocast(device, amp)
+    was_training = pipe.training
+    pipe.eval()
+
+    def timed(fn: Callable[[], object]) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    runs = {
+        "dynamic": lambda: pipe.infer(images, threshold=eta),
+        "full": lambda: pipe.run_full_resolution(images),
+    }
+    seconds: dict[str, list[float]] = {"dynamic": [], "full": []}
+    try:
+        with torch.inference_mode(), autocast:
+            exit_fraction = float((pipe.infer(images, threshold=eta).exit_stage == 1).float().mean())
+            for round_ in range(warmup + repeats):
+                order = ("dynamic", "full") if round_ % 2 == 0 else ("full", "dynamic")
+                for name in order:
+                    elapsed = timed(runs[name])
+                    if round_ >= warmup:
+                        seconds[name].append(elapsed)
+    finally:
+        pipe.train(was_training)
+    return Throughput(
+        device=str(device),
+        batch_size=int(images.shape[0]),
+        repeats=repeats,
+        warmup=warmup,
+        eta=float(eta),
+        exit_fraction=exit_fraction,
+        precision=precision,
+        dynamic_seconds=seconds["dynamic"],
+        full_seconds=seconds["full"],
+    )

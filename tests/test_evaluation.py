@@ -1,0 +1,418 @@
+"""Evaluation: the threshold sweep, calibration, records, throughput, and the report end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_recipe
+from dynvit.plugins.exit_policies import ConfidenceExit, EntropyExit
+from PIL import Image
+
+from dynvit import build_pipeline
+from dynvit.evaluation import (
+    Curve,
+    EvalConfig,
+    Records,
+    calibrate,
+    choose_eta,
+    collect_records,
+    eta_grid,
+    evaluate_pipeline,
+    exit_decisions,
+    format_table,
+    measure_throughput,
+    split_indices,
+    sweep,
+    topk_correct,
+)
+from dynvit.evaluation.runner import _paper_region
+from dynvit.recipe import load_recipe
+
+SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "metrics_schema.json"
+S1, S2 = 1.1, 1.6  # GFLOPs of stage 1 and stage 2 for the synthetic records
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_records(n: int = 400, classes: int = 10, seed: int = 0) -> Records:
+    """Logits whose confidences spread over (1/C, 1): per-image temperatures from sharp to flat."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1, 1.3, n)[torch.randperm(n, generator=g)].unsqueeze(1)
+    logits1 = torch.randn(n, classes, generator=g) * scale
+    logits2 = torch.randn(n, classes, generator=g) * scale
+    labels = torch.randint(0, classes, (n,), generator=g)
+    # make the stages differ in quality so the curve is not flat
+    logits2[torch.arange(n), labels] += 2.0
+    return Records(logits=(logits1, logits2), labels=labels)
+
+
+# -- the sweep -----------------------------------------------------------------------
+
+
+def test_topk_correct_hand_computed():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    assert topk_correct(logits, labels, 1).tolist() == [True, False, False]
+    assert topk_correct(logits, labels, 2).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="top-5 needs at least 5 classes"):
+        topk_correct(logits, labels, 5)
+
+
+def test_eta_grid_is_zero_to_one_in_steps():
+    grid = eta_grid(0.01)
+    assert len(grid) == 101 and grid[0] == 0 and grid[-1] == 1
+    torch.testing.assert_close(grid[37], torch.tensor(0.37, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must divide 1"):
+        eta_grid(0.03)
+
+
+def test_curve_endpoints_are_the_stage_accuracies_and_cost_grows_with_eta():
+    records = random_records()
+    conf = records.probs(1).amax(-1)
+    above = float(conf.max()) + 1e-3
+    curve = sweep(records, S1, S2, torch.tensor([0.0, above], dtype=torch.float64))
+    acc1, acc2 = (records.correct(s).double().mean().item() for s in (1, 2))
+    top5_1, top5_2 = (records.correct(s, 5).double().mean().item() for s in (1, 2))
+    assert acc1 != acc2  # otherwise the endpoints could not tell the stages apart
+    assert curve.top1.tolist() == pytest.approx([acc1, acc2], abs=1e-12)
+    assert curve.top5.tolist() == pytest.approx([top5_1, top5_2], abs=1e-12)
+    assert curve.exit_fraction.tolist() == [1.0, 0.0]
+    assert curve.gflops.tolist() == pytest.approx([S1, S1 + S2])
+
+    full = sweep(records, S1, S2)  # the default grid, 0 .. 1
+    assert len(full.eta) == 101
+    assert (full.gflops.diff() >= 0).all() and (full.exit_fraction.diff() <= 0).all()
+    assert full.gflops[-1] > full.gflops[0]  # the confidences spread, so the cost really moves
+    assert full.top1[0] == pytest.approx(acc1)
+
+
+def test_vectorised_sweep_equals_a_per_sample_reference_loop():
+    records = random_records(n=300, classes=7, seed=3)
+    etas = eta_grid(0.01)
+    curve = sweep(records, S1, S2, etas)
+    logits1, logits2 = records.logits
+    for t, eta in enumerate(etas.tolist()):
+        correct1 = correct5 = 0
+        gflops = 0.0
+        exited = 0
+        for i in range(records.count):
+            confidence = float(torch.softmax(logits1[i], dim=-1).max())
+            stage_logits = logits1[i] if confidence >= eta else logits2[i]
+            exited += confidence >= eta
+            gflops += S1 + (0.0 if confidence >= eta else S2)
+            ranking = sorted(range(7), key=lambda c, row=stage_logits: -float(row[c]))
+            correct1 += ranking[0] == int(records.labels[i])
+            correct5 += int(records.labels[i]) in ranking[:5]
+        n = records.count
+        assert curve.top1[t].item() == pytest.approx(correct1 / n, abs=1e-12), eta
+        assert curve.top5[t].item() == pytest.approx(correct5 / n, abs=1e-12), eta
+        assert curve.exit_fraction[t].item() == pytest.approx(exited / n, abs=1e-12), eta
+        assert curve.gflops[t].item() == pytest.approx(gflops / n, rel=1e-9), eta
+
+
+def test_policy_path_matches_the_broadcast_and_follows_other_policies():
+    records = random_records(n=200)
+    etas = eta_grid(0.05)
+    broadcast = exit_decisions(records.logits[0], etas)
+    assert torch.equal(exit_decisions(records.logits[0], etas, ConfidenceExit()), broadcast)
+    entropy = exit_decisions(records.logits[0], etas, EntropyExit())
+    assert not torch.equal(entropy, broadcast)
+    for t, eta in enumerate(etas.tolist()):
+        assert torch.equal(entropy[t], EntropyExit()(records.logits[0], eta))
+
+
+def test_no_top5_below_five_classes():
+    records = random_records(n=50, classes=3)
+    assert sweep(records, S1, S2).top5 is None
+
+
+def test_one_stage_records_cannot_be_swept():
+    records = Records(logits=(torch.randn(4, 10),), labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="two-stage"):
+        sweep(records, S1, S2)
+
+
+# -- calibration -----------------------------------------------------------------------
+
+
+def test_split_indices_are_disjoint_cover_everything_and_follow_the_seed():
+    cal, held = split_indices(101, 0.3, seed=5)
+    assert len(cal) == 30 and len(held) == 71
+    assert set(cal.tolist()).isdisjoint(held.tolist())
+    assert sorted(cal.tolist() + held.tolist()) == list(range(101))
+    assert torch.equal(split_indices(101, 0.3, seed=5)[0], cal)
+    assert not torch.equal(split_indices(101, 0.3, seed=6)[0], cal)
+    assert [len(x) for x in split_indices(2, 0.01)] == [1, 1]
+    with pytest.raises(ValueError, match="at least 2 images"):
+        split_indices(1)
+
+
+def test_choose_eta_hand_computed():
+    three = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    curve = Curve(
+        eta=three,
+        top1=torch.tensor([0.5, 0.7, 0.6], dtype=torch.float64),
+        top5=None,
+        exit_fraction=torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64),
+        gflops=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+        count=10,
+    )
+    assert choose_eta(curve, budget_gflops=3.0) == (1, True)  # the most accurate within budget
+    assert choose_eta(curve, budget_gflops=1.5) == (0, True)
+    assert choose_eta(curve, budget_gflops=0.5) == (0, False)  # nothing fits: the cheapest
+    assert choose_eta(curve, target_acc=0.55) == (1, True)  # the cheapest that reaches it
+    assert choose_eta(curve, target_acc=0.5) == (0, True)
+    assert choose_eta(curve, target_acc=0.9) == (1, False)  # nothing reaches it: the most accurate
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_eta(curve)
+
+
+def test_calibration_stays_within_budget_on_the_calibration_split_and_reports_on_disjoint_images():
+    records = random_records(n=300)
+    chosen = set()
+    for budget in np.linspace(S1 - 0.2, S1 + S2 + 0.1, 17).tolist():
+        result = calibrate(records, S1, S2, budget_gflops=budget, fraction=0.4, seed=1)
+        cal, held = result.calibration_index, result.heldout_index
+        assert set(cal.tolist()).isdisjoint(held.tolist())
+        assert len(cal) + len(held) == records.count
+        assert result.calibration["count"] == len(cal) and result.heldout["count"] == len(held)
+        on_cal = sweep(records.subset(cal), S1, S2)
+        if budget >= S1:
+            assert result.feasible
+            assert result.calibration["gflops"] <= budget
+            best = max(a for a, g in zip(on_cal.top1.tolist(), on_cal.gflops.tolist()) if g <= budget)
+            assert result.calibration["top1"] == pytest.approx(best)
+        else:
+            assert not result.feasible and result.eta == 0.0
+        # the held-out figure is the sweep of the held-out images alone, at the chosen eta
+        on_held = sweep(records.subset(held), S1, S2, torch.tensor([result.eta], dtype=torch.float64))
+        assert result.heldout["top1"] == pytest.approx(on_held.top1.item())
+        assert result.heldout["gflops"] == pytest.approx(on_held.gflops.item())
+        chosen.add(result.eta)
+    assert len(chosen) > 3  # the budgets really steered the threshold
+
+
+def test_calibration_for_an_accuracy_target_is_the_cheapest_that_reaches_it():
+    records = random_records(n=300)
+    for target in (0.2, 0.4, 0.6):
+        result = calibrate(records, S1, S2, target_acc=target, seed=2)
+        on_cal = sweep(records.subset(result.calibration_index), S1, S2)
+        reaching = [g for a, g in zip(on_cal.top1.tolist(), on_cal.gflops.tolist()) if a >= target]
+        if reaching:
+            assert result.feasible and result.calibration["top1"] >= target
+            assert result.calibration["gflops"] == pytest.approx(min(reaching))
+        else:
+            assert not result.feasible
+    with pytest.raises(ValueError, match="fraction in \\[0, 1\\]"):
+        calibrate(records, S1, S2, target_acc=80)
+
+
+def test_without_a_goal_the_recipe_threshold_is_reported_on_both_parts():
+    records = random_records(n=100)
+    result = calibrate(records, S1, S2, default_eta=0.37)
+    assert result.mode == "recipe" and result.eta == 0.37 and result.feasible
+    assert result.heldout["eta"] == 0.37
+
+
+# -- records, infer consistency, throughput ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return build_pipeline(tiny_recipe(), with_loss=False).eval()
+
+
+def batches_of(images: torch.Tensor, labels: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images[i : i + size], labels[i : i + size]) for i in range(0, len(labels), size)]
+
+
+def test_records_count_every_image_of_uneven_batches_in_order(pipe):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(21, 3, 64, 64, generator=g), torch.randint(0, 10, (21,), generator=g)
+    records = collect_records(pipe, batches_of(images, labels, 8), keep_images=10, progress=False)
+    assert records.count == 21 and torch.equal(records.labels, labels)
+    assert records.images.shape == (10, 3, 64, 64) and torch.equal(records.images, images[:10])
+    with torch.no_grad():
+        whole = pipe(images)
+    torch.testing.assert_close(records.logits[0], whole.logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(records.logits[1], whole.logits[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(records.region, whole.selection.region)
+    assert records.kept.shape == whole.selection.kept.shape
+    with pytest.raises(ValueError, match="no images"):
+        collect_records(pipe, [], progress=False)
+
+
+def test_swept_predictions_equal_real_early_exit_inference(pipe):
+    """What the sweep claims at eta is what pipe.infer (compacted stage 2) does at eta."""
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(16, 3, 64, 64, generator=g), torch.randint(0, 10, (16,), generator=g)
+    records = collect_records(pipe, batches_of(images, labels, 16), progress=False)
+    confidence = records.probs(1).amax(-1)
+    etas = torch.quantile(confidence.double(), torch.tensor([0.0, 0.3, 0.7], dtype=torch.float64)) + 1e-6
+    exits = exit_decisions(records.logits[0], etas, pipe.exit_policy)
+    for t, eta in enumerate(etas.tolist()):
+        result = pipe.infer(images, threshold=eta)
+        assert torch.equal(result.exit_stage == 1, exits[t])
+        swept = torch.where(exits[t], records.logits[0].argmax(-1), records.logits[1].argmax(-1))
+        assert torch.equal(result.logits.argmax(-1), swept)
+    assert 0 < exits[1].sum() < 16  # a threshold that really splits the batch
+
+
+def test_throughput_times_both_paths(pipe):
+    images = torch.randn(4, 3, 64, 64)
+    result = measure_throughput(pipe, images, eta=0.0, repeats=2, warmup=1)
+    assert result.exit_fraction == 1.0 and len(result.dynamic_seconds) == len(result.full_seconds) == 2
+    assert result.dynamic_images_per_second > 0 and result.full_images_per_second > 0
+    assert result.speedup == pytest.approx(result.dynamic_images_per_second / result.full_images_per_second)
+    assert measure_throughput(pipe, images, eta=1.01, repeats=1, warmup=0).exit_fraction == 0.0
+
+
+# -- the report end to end ------------------------------------------------------------------
+
+
+def _check(instance, schema, root, path="$"):
+    """A small JSON Schema checker for the keywords docs/metrics_schema.json uses."""
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        _check(instance, target, root, path)
+    if "oneOf" in schema:
+        passing = 0
+        for option in schema["oneOf"]:
+            try:
+                _check(instance, option, root, path)
+                passing += 1
+            except AssertionError:
+                pass
+        assert passing == 1, f"{path}: matches {passing} of the oneOf options"
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    if "type" in schema:
+        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        ok = any(
+            (isinstance(instance, (int, float)) and not isinstance(instance, bool))
+            if kind == "number"
+            else (isinstance(instance, int) and not isinstance(instance, bool))
+            if kind == "integer"
+            else isinstance(instance, kinds[kind])
+            for kind in allowed
+        )
+        assert ok, f"{path}: {instance!r} is not {allowed}"
+    if "const" in schema:
+        assert instance == schema["const"], f"{path}: {instance!r} != {schema['const']!r}"
+    if "enum" in schema:
+        assert instance in schema["enum"], f"{path}: {instance!r} not in {schema['enum']}"
+    if isinstance(instance, (int, float)) and not isinstance(instance, bool):
+        assert math.isfinite(instance), path
+        assert instance >= schema.get("minimum", -math.inf), f"{path}: {instance} below minimum"
+        assert instance <= schema.get("maximum", math.inf), f"{path}: {instance} above maximum"
+        assert instance > schema.get("exclusiveMinimum", -math.inf), f"{path}: {instance} too small"
+        assert instance < schema.get("exclusiveMaximum", math.inf), f"{path}: {instance} too large"
+    if isinstance(instance, dict):
+        for key in schema.get("required", []):
+            assert key in instance, f"{path}: missing {key!r}"
+        properties = schema.get("properties", {})
+        for key, value in instance.items():
+            if key in properties:
+                _check(value, properties[key], root, f"{path}.{key}")
+            elif schema.get("additionalProperties") is False:
+                raise AssertionError(f"{path}: unexpected key {key!r}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                _check(value, schema["additionalProperties"], root, f"{path}.{key}")
+    if isinstance(instance, list):
+        assert len(instance) >= schema.get("minItems", 0), f"{path}: too few items"
+        assert len(instance) <= schema.get("maxItems", math.inf), f"{path}: too many items"
+        for i, item in enumerate(instance):
+            if "items" in schema:
+                _check(item, schema["items"], root, f"{path}[{i}]")
+
+
+def validate_metrics(metrics: dict) -> None:
+    schema = json.loads(SCHEMA.read_text())
+    _check(metrics, schema, schema)
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(metrics)
+
+
+def assert_real_png(path: Path, size: tuple[int, int]) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size
+        pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # drawn on, not a blank canvas
+
+
+def test_end_to_end_on_a_tiny_model_over_uneven_batches(pipe, tmp_path):
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(37, 3, 64, 64, generator=g), torch.randint(0, 10, (37,), generator=g)
+    settings = EvalConfig(batch_size=8, throughput_batch=8, throughput_repeats=2, throughput_warmup=1, region_images=4)
+    flops = SimpleNamespace(stage1=0.01, stage2=0.02, full_resolution=0.04)
+    info = {"recipe": "tiny", "split": "validation", "random_weights": True, "warnings": ["random weights"]}
+    metrics = evaluate_pipeline(
+        pipe,
+        batches_of(images, labels, 8),
+        tmp_path,
+        flops,
+        settings,
+        budget_gflops=0.025,
+        info=info,
+        recipe=tiny_recipe(),
+        progress=False,
+    )
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    validate_metrics(metrics)
+    assert metrics["data"]["count"] == 37 and metrics["curve"]["count"] == 37
+    assert all(0 <= stage["top1"] <= 1 for stage in metrics["stages"])
+    assert metrics["stages"][1]["gflops"] == pytest.approx(0.03)
+    calibration = metrics["calibration"]
+    assert calibration["mode"] == "budget" and calibration["calibration"]["gflops"] <= 0.025
+    assert calibration["calibration"]["count"] + calibration["heldout"]["count"] == 37
+    assert metrics["throughput"]["eta"] == calibration["eta"]
+    assert_real_png(tmp_path / "curve.png", (700, 500))
+    assert_real_png(tmp_path / "regions.png", (800, 480))
+    assert (tmp_path / "recipe.yaml").is_file()
+    table = format_table(metrics)
+    assert "stage 1" in table and "held-out" in table and "img/s" in table and "WARNING: random weights" in table
+
+    broken = json.loads(json.dumps(metrics))
+    broken["stages"][0]["top1"] = 1.5
+    with pytest.raises(Exception, match="maximum|1.5"):
+        validate_metrics(broken)
+    del broken["stages"][0]["top1"]
+    with pytest.raises(Exception, match="top1"):
+        validate_metrics(broken)
+
+
+def test_paper_points_are_drawn_only_for_the_papers_recipe():
+    assert _paper_region(load_recipe("lfvit_deit_s")) == 5
+    assert _paper_region(load_recipe("lfvit_deit_s", ["model.selector.region=6"])) == 6
+    assert _paper_region(load_recipe("lfvit_star_deit_s")) is None  # 288 input: Table 3, not Table 2
+    assert _paper_region(load_recipe("quickstart")) is None
+    assert _paper_region(load_recipe("deit_s")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_records_and_throughput_on_cuda(pipe):
+    cuda = build_pipeline(tiny_recipe(), with_loss=False).cuda().eval()
+    cuda.load_state_dict(pipe.state_dict())
+    images, labels = torch.randn(10, 3, 64, 64), torch.randint(0, 10, (10,))
+    records = collect_records(cuda, batches_of(images, labels, 4), "cuda", progress=False)
+    assert records.count == 10 and records.logits[0].device.type == "cpu"
+    assert measure_throughput(cuda, images.cuda(), 0.5, repeats=2, warmup=1).device.startswith("cuda")
