@@ -1,0 +1,411 @@
+"""Weights in and out: timm/DeiT backbones, dynvit pipelines, the authors' LF-ViT checkpoints.
+
+Every file is read with ``torch.load(..., weights_only=True)`` or
+safetensors, so a checkpoint can never run code on load; anything that is
+not a dictionary of tensors is refused with an error that says how to fix
+the file. Every file is written atomically (temp file + ``os.replace``), so
+an interrupted write never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+StateDict = dict[str, Tensor]
+
+# the file a training checkpoint folder keeps the pipeline's weights in (Accelerate's name)
+PIPELINE_WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message says why and what to do."""
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint did, beyond copying matching tensors."""
+
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint (kept as initialised)
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model (ignored)
+    mismatched: list[str] = field(default_factory=list)  # same name, other shape (skipped; non-strict only)
+    dropped: list[str] = field(default_factory=list)  # deliberately left out (a head with another class count)
+    resampled: list[str] = field(default_factory=list)  # tables resampled to the model's grid
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched or self.dropped)
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def read_checkpoint(path: PathLike) -> dict[str, Any]:
+    """The top-level dictionary of a ``.safetensors`` file or a ``torch.save`` file, loaded safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        return load_file(path, device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} holds Python objects that are not loaded for safety (torch.load with weights_only=True "
+            f"refused it: {reason}). dynvit loads only tensors in plain dicts/lists. In an environment you trust, "
+            "re-save just the weights: torch.save({'model': torch.load(src, weights_only=False)['model']}, dst)"
+        ) from exc
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a dictionary of tensors; "
+            "save a state dict (torch.save(model.state_dict(), path)) or {'model': state_dict}"
+        )
+    return dict(obj)
+
+
+def state_dict_from(checkpoint: Mapping[str, Any], source: PathLike | str = "checkpoint") -> StateDict:
+    """The state dict inside a checkpoint: its ``model`` (or ``state_dict``) entry, or the checkpoint itself.
+
+    A ``module.`` prefix on every key (a model saved through DistributedDataParallel)
+    and torch.compile's ``_orig_mod.`` are removed.
+    """
+    inner: Any = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            inner = checkpoint[key]
+            break
+    bad = [k for k, v in inner.items() if not isinstance(v, Tensor)]
+    if bad:
+        shown = ", ".join(f"{k!r} ({type(inner[k]).__name__})" for k in bad[:5])
+        raise CheckpointError(
+            f"{source} is not a dictionary of tensors: {shown}{' ...' if len(bad) > 5 else ''}; "
+            "expected a state dict, or a dict whose 'model' entry is one"
+        )
+    state = {str(k): v for k, v in inner.items()}
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _pattern(key: str) -> str:
+    return re.sub(r"\.\d+(?=\.)", ".*", key)
+
+
+def summarise_keys(keys: Iterable[str], limit: int = 12) -> str:
+    """Keys grouped by pattern (``blocks.*.attn.qkv.weight (x12)``), for error messages."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        groups.setdefault(_pattern(key), []).append(key)
+    items = [f"{p} (x{len(k)})" if len(k) > 1 else k[0] for p, k in groups.items()]
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _compare(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> LoadReport:
+    return LoadReport(
+        missing=sorted(set(reference) - set(state)),
+        unexpected=sorted(set(state) - set(reference)),
+        mismatched=sorted(k for k in set(state) & set(reference) if state[k].shape != reference[k].shape),
+    )
+
+
+def _log_report(report: LoadReport, source: PathLike) -> None:
+    if report.resampled:
+        logger.info("%s: resampled %s to the model's grid", source, ", ".join(report.resampled))
+    if report.dropped:
+        logger.warning("%s: left out %s (the class count differs)", source, summarise_keys(report.dropped))
+    if report.missing:
+        logger.warning("%s: missing keys kept as initialised: %s", source, summarise_keys(report.missing))
+    if report.unexpected:
+        logger.warning("%s: unexpected keys ignored: %s", source, summarise_keys(report.unexpected))
+    if report.mismatched:
+        logger.warning("%s: keys with another shape skipped: %s", source, summarise_keys(report.mismatched))
+
+
+# -- timm / DeiT backbone checkpoints ---------------------------------------------
+
+
+def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> LoadReport:
+    """Initialise a ``timm_vit`` backbone from a local timm/DeiT checkpoint.
+
+    The checkpoint's position table is resampled to the model's
+    full-resolution grid (timm's own checkpoint filter), a head with another
+    class count is left out, and the smaller stage tables are then
+    resampled from the loaded full-resolution table. Missing and unexpected
+    keys are logged and returned.
+    """
+    model = backbone.model
+    state = state_dict_from(read_checkpoint(path), path)
+    before = state.get("pos_embed")
+    state = checkpoint_filter_fn(state, model)
+    report = LoadReport()
+    if before is not None and state["pos_embed"].shape != before.shape:
+        report.resampled.append(f"pos_embed {tuple(before.shape)} -> {tuple(state['pos_embed'].shape)}")
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith("head.")]:
+        if key not in own or own[key].shape != state[key].shape:
+            report.dropped.append(key)
+            del state[key]
+    found = _compare(state, own)
+    if found.mismatched:
+        detail = "; ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in found.mismatched[:6])
+        raise CheckpointError(
+            f"{path} does not fit the backbone ({detail}); it was trained for another architecture: "
+            "check model.backbone.arch, embed_dim, depth, num_heads and patch_size"
+        )
+    if not set(state) & set(own):
+        raise CheckpointError(
+            f"{path} shares no key with a timm VisionTransformer (its keys: {summarise_keys(state, 6)}); "
+            "is it a timm/DeiT checkpoint? A dynvit pipeline checkpoint loads with load_pipeline_weights"
+        )
+    result = model.load_state_dict(state, strict=False)
+    report.missing = sorted(set(result.missing_keys) - set(report.dropped))  # a left-out head is reported once
+    report.unexpected = sorted(result.unexpected_keys)
+    backbone.reset_stage_position_embeddings()
+    _log_report(report, path)
+    return report
+
+
+# -- dynvit pipeline checkpoints --------------------------------------------------
+
+
+def _pipeline_file(path: Path) -> Path:
+    if path.is_dir():
+        candidate = path / PIPELINE_WEIGHTS_NAME
+        if not candidate.is_file():
+            raise CheckpointError(
+                f"{path} is a folder without {PIPELINE_WEIGHTS_NAME}; "
+                "give a training checkpoint folder, a .safetensors file or a .pth file"
+            )
+        return candidate
+    return path
+
+
+def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True) -> LoadReport:
+    """Load a dynvit pipeline checkpoint (``.safetensors``, ``.pth``, or a training checkpoint folder).
+
+    Strict by default: any missing, unexpected or reshaped key raises an
+    error that lists them. With ``strict=False`` what fits is loaded and the
+    rest is reported.
+    """
+    file = _pipeline_file(Path(path))
+    state = state_dict_from(read_checkpoint(file), file)
+    own = pipe.state_dict()
+    report = _compare(state, own)
+    if strict and not report.exact:
+        lines = [f"{file} does not match this pipeline:"]
+        for label, keys in (
+            ("missing from the checkpoint", report.missing),
+            ("not in the pipeline", report.unexpected),
+        ):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {summarise_keys(keys)}")
+        if report.mismatched:
+            shapes = "; ".join(
+                f"{k}: checkpoint {tuple(state[k].shape)} vs pipeline {tuple(own[k].shape)}"
+                for k in report.mismatched[:6]
+            )
+            lines.append(f"  other shape ({len(report.mismatched)}): {shapes}")
+        lines.append(
+            "Build the pipeline from the recipe the checkpoint was made with, "
+            "or pass strict=False to load only what fits."
+        )
+        raise CheckpointError("\n".join(lines))
+    fitting = {k: v for k, v in state.items() if k in own and k not in report.mismatched}
+    pipe.load_state_dict(fitting, strict=False)
+    _log_report(report, file)
+    return report
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pipeline_weights(
+    state: nn.Module | Mapping[str, Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a pipeline's (or a state dict's) tensors to ``path`` as safetensors, atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"pipeline weights are written as safetensors; name the file *.safetensors, not {path}")
+    tensors = state.state_dict() if isinstance(state, nn.Module) else state
+    # owned, contiguous copies: safetensors refuses views and shared storage
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    header = {"format": "pt", "producer": "dynvit", **(metadata or {})}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+# -- the authors' LF-ViT checkpoints ----------------------------------------------
+
+# authors' prefix -> dynvit pipeline prefix; the position tables are mapped by shape
+_LFVIT_PREFIXES = (
+    ("cls_token", "backbone.model.cls_token"),
+    ("patch_embed.", "backbone.model.patch_embed."),
+    ("blocks.", "backbone.model.blocks."),
+    ("norm.", "backbone.model.norm."),
+    ("head.", "backbone.model.head."),
+    ("reuse_block.", "fuser.block."),  # LayerNorm + Mlp(D, 4D, D): the fusion block
+)
+_LFVIT_POSITION = re.compile(r"pos_embed_list\.(\d+)")
+# entries an authors' checkpoint may carry beside 'model', kept in the sidecar JSON
+LFVIT_METADATA_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
+
+
+def _square_grid(table: Tensor, key: str) -> int:
+    if table.ndim != 3 or table.shape[0] != 1:
+        raise CheckpointError(f"{key} has shape {tuple(table.shape)}; expected (1, 1 + rows*cols, width)")
+    side = math.isqrt(table.shape[1] - 1)
+    if side * side != table.shape[1] - 1:
+        raise CheckpointError(f"{key} has {table.shape[1] - 1} patch positions, not a square grid")
+    return side
+
+
+def convert_lfvit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Rename the authors' LF-ViT state dict to dynvit pipeline keys.
+
+    Widths, depth, patch size and grids come from the tensors, so any
+    LF-ViT variant converts (224/112 with 14x14 and 7x7 grids, 288/144 with
+    18x18 and 9x9...). The largest position table becomes the backbone's
+    own; the others become ``backbone.stage_pos_embed.<rows>x<cols>``.
+    """
+    state = state_dict_from(state_dict, "LF-ViT state dict")
+    out: StateDict = {}
+    tables: dict[int, tuple[str, Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        if _LFVIT_POSITION.fullmatch(key):
+            side = _square_grid(value, key)
+            if side in tables:
+                raise CheckpointError(f"{tables[side][0]} and {key} both hold a {side}x{side} position table")
+            tables[side] = (key, value)
+            continue
+        for old, new in _LFVIT_PREFIXES:
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                out[new + key[len(old) :]] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"keys that are not part of the LF-ViT layout: {summarise_keys(unknown)}; "
+            "is this the authors' LF-ViT checkpoint?"
+        )
+    if len(tables) < 2:
+        raise CheckpointError(
+            f"an LF-ViT checkpoint has one position table per stage (pos_embed_list.0/1), found {len(tables)}"
+        )
+    full = max(tables)
+    for side, (_, table) in tables.items():
+        name = "backbone.model.pos_embed" if side == full else f"backbone.stage_pos_embed.{side}x{side}"
+        out[name] = table
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+@dataclass
+class LFViTImport:
+    """What :func:`import_lfvit` wrote and what it found in the source."""
+
+    weights: Path
+    sidecar: Path
+    num_tensors: int
+    embed_dim: int
+    depth: int
+    patch_size: int
+    num_classes: int
+    grids: list[int]  # side of each stage's square grid, stage 1 first
+    metadata_keys: list[str]
+
+    @property
+    def image_size(self) -> int:
+        return self.grids[-1] * self.patch_size
+
+
+def import_lfvit(src: PathLike, dst: PathLike) -> LFViTImport:
+    """Convert the authors' LF-ViT checkpoint ``src`` into a dynvit pipeline checkpoint ``dst`` (.safetensors).
+
+    ``dst`` gets the weights; ``dst`` with ``.json`` a sidecar with the
+    shapes found and the authors' extra entries (``flops``, the anytime and
+    budgeted-batch results). Both are written atomically.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"the imported checkpoint is written as safetensors; name it *.safetensors, not {dst}")
+    checkpoint = read_checkpoint(src)
+    state = convert_lfvit_state_dict(checkpoint)
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.model\.blocks\.(\d+)\.", k))}
+    patch = state["backbone.model.patch_embed.proj.weight"]
+    head = state.get("backbone.model.head.weight")
+    grids = sorted(int(k.rsplit(".", 1)[1].split("x")[0]) for k in state if k.startswith("backbone.stage_pos_embed."))
+    grids.append(_square_grid(state["backbone.model.pos_embed"], "pos_embed"))
+    extra = {k: _jsonable(checkpoint[k]) for k in LFVIT_METADATA_KEYS if k in checkpoint}
+    ignored = sorted(k for k in checkpoint if k not in ("model", "state_dict", *LFVIT_METADATA_KEYS))
+    summary = LFViTImport(
+        weights=dst,
+        sidecar=dst.with_suffix(".json"),
+        num_tensors=len(state),
+        embed_dim=int(patch.shape[0]),
+        depth=len(blocks),
+        patch_size=int(patch.shape[-1]),
+        num_classes=int(head.shape[0]) if head is not None else 0,
+        grids=grids,
+        metadata_keys=sorted(extra),
+    )
+    info = {
+        "format": "dynvit pipeline weights, imported from an LF-ViT checkpoint",
+        "source": str(src),
+        "embed_dim": summary.embed_dim,
+        "depth": summary.depth,
+        "patch_size": summary.patch_size,
+        "num_classes": summary.num_classes,
+        "grids": [f"{g}x{g}" for g in grids],
+        "image_size": summary.image_size,
+        "ignored_entries": ignored,
+        **extra,
+    }
+    save_pipeline_weights(state, dst, metadata={"source": "lf-vit", "image_size": str(summary.image_size)})
+    text = json.dumps(info, indent=2) + "\n"
+    _atomic_write(summary.sidecar, lambda tmp: tmp.write_text(text))
+    return summary
