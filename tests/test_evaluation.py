@@ -279,6 +279,7 @@ def test_throughput_times_both_paths(pipe):
     assert result.dynamic_images_per_second > 0 and result.full_images_per_second > 0
     assert result.speedup == pytest.approx(result.dynamic_images_per_second / result.full_images_per_second)
     assert measure_throughput(pipe, images, eta=1.01, repeats=1, warmup=0).exit_fraction == 0.0
+    assert measure_throughput(pipe, images, eta=0.5, repeats=1, warmup=0, amp=True).precision == "bfloat16"
 
 
 # -- the report end to end ------------------------------------------------------------------
@@ -400,6 +401,20 @@ def test_end_to_end_on_a_tiny_model_over_uneven_batches(pipe, tmp_path):
         validate_metrics(broken)
 
 
+def test_a_one_stage_model_gets_its_accuracy_and_no_curve(tmp_path):
+    torch.manual_seed(0)
+    plain = build_pipeline(tiny_recipe("model.stages=1"), with_loss=False).eval()
+    images, labels = torch.randn(9, 3, 64, 64), torch.arange(9)
+    flops = SimpleNamespace(stage1=0.04, stage2=0.0, full_resolution=0.04)
+    settings = EvalConfig(region_images=0)
+    metrics = evaluate_pipeline(plain, batches_of(images, labels, 4), tmp_path, flops, settings, progress=False)
+    validate_metrics(metrics)
+    assert [s["gflops"] for s in metrics["stages"]] == [0.04] and metrics["data"]["count"] == 9
+    assert metrics["curve"] is metrics["calibration"] is metrics["throughput"] is None
+    assert metrics["files"]["curve"] is None and not (tmp_path / "curve.png").exists()
+    assert "full resolution" in format_table(metrics)
+
+
 def test_paper_points_are_drawn_only_for_the_papers_recipe():
     assert _paper_region(load_recipe("lfvit_deit_s")) == 5
     assert _paper_region(load_recipe("lfvit_deit_s", ["model.selector.region=6"])) == 6
@@ -416,3 +431,78 @@ def test_records_and_throughput_on_cuda(pipe):
     records = collect_records(cuda, batches_of(images, labels, 4), "cuda", progress=False)
     assert records.count == 10 and records.logits[0].device.type == "cpu"
     assert measure_throughput(cuda, images.cuda(), 0.5, repeats=2, warmup=1).device.startswith("cuda")
+
+
+# -- through the data loader and the command line -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def disk_data(tmp_path_factory):
+    """A tiny DatasetDict on disk: 12 train and 23 validation images, 10 classes (23 = 2 x 8 + 7)."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"class{i}" for i in range(10)])}
+    )
+
+    def split(n: int) -> datasets.Dataset:
+        images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+        return datasets.Dataset.from_dict({"image": images, "label": (np.arange(n) % 10).tolist()}, features)
+
+    path = tmp_path_factory.mktemp("data") / "tiny"
+    datasets.DatasetDict({"train": split(12), "validation": split(23)}).save_to_disk(str(path))
+    return path
+
+
+def data_overrides(path: Path) -> list[str]:
+    return [
+        "data.source=disk",
+        f"data.path={path}",
+        "data.num_workers=0",
+        "eval.batch_size=8",
+        "eval.throughput_batch=8",
+        "eval.throughput_repeats=2",
+        "eval.throughput_warmup=1",
+        "eval.region_images=3",
+    ]
+
+
+def test_evaluate_counts_every_image_of_a_split_that_does_not_divide_into_batches(disk_data, tmp_path):
+    from dynvit.evaluation import evaluate
+
+    recipe = tiny_recipe(*data_overrides(disk_data))
+    metrics = evaluate(recipe, None, tmp_path, device="cpu", budget_gflops=1.0, progress=False)
+    validate_metrics(metrics)
+    assert metrics["data"]["count"] == 23 and metrics["data"]["split"] == "validation"
+    assert metrics["model"]["random_weights"] and any("RANDOMLY" in w for w in metrics["warnings"])
+    assert metrics["flops"]["stage1"] > 0 and metrics["flops"]["stage2"] > 0
+    assert metrics["stages"][1]["gflops"] == pytest.approx(metrics["flops"]["stage1"] + metrics["flops"]["stage2"])
+    assert_real_png(tmp_path / "curve.png", (700, 500))
+    assert_real_png(tmp_path / "regions.png", (600, 480))
+
+
+def test_cli_eval_with_a_baseline_and_an_accuracy_target(disk_data, tmp_path, capsys):
+    from conftest import TINY
+
+    from dynvit.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "quickstart", *TINY, *data_overrides(disk_data), "--out", str(out), "--target-acc", "0.05"]
+    argv += ["--device", "cpu", "--limit", "21", "--no-progress", "--baseline", "quickstart"]
+    argv += [f"--baseline-override={o}" for o in [*TINY, "model.stages=1"]]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "RANDOMLY INITIALISED" in captured.err
+    assert "baseline quickstart" in captured.out and "held-out" in captured.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    validate_metrics(metrics)
+    assert metrics["data"]["count"] == 21 and metrics["baseline"]["count"] == 21
+    assert metrics["baseline"]["gflops"] > metrics["flops"]["stage1"]  # full resolution costs more than stage 1
+    assert metrics["calibration"]["mode"] == "target"
+    assert metrics["model"]["overrides"][: len(TINY)] == TINY
+
+    assert main(["eval", "quickstart", "--target-acc", "80", "--device", "cpu", "--out", str(out)]) == 2
+    assert "fraction in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "quickstart", "--target-acc", "0.8", "--budget-gflops", "1"])

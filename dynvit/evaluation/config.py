@@ -28,5 +28,5 @@ class EvalConfig:
     throughput_repeats: int = 10
     throughput_warmup: int = 3
     amp: bool = False  # autocast while timing (bfloat16 on CPU and on GPUs that support it, else float16)
-    # regions.png: images shown per group ("exited at stage 1", "needed stage 2")
+    # regions.png: images shown per group ("exited at stage 1", "needed stage 2"); 0: no picture
     region_images: int = 8

@@ -96,7 +96,7 @@ def plot_curve(
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
         fig.savefig(path, dpi=DPI)
     finally:
         plt.close(fig)

@@ -124,6 +124,36 @@ def _tile(images: Tensor, batch: int) -> Tensor:
     return images.repeat(repeats, 1, 1, 1)[:batch]
 
 
+def draw_regions(
+    records: Records,
+    pipe: DynamicPipeline,
+    eta: float,
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: Path,
+    per_group: int,
+) -> Path:
+    """``regions.png`` for the images kept in ``records``, split by whether they exit at ``eta``."""
+    shown = records.images.shape[0]
+    logits1, logits2 = (x[:shown] for x in records.logits)
+    exits = exit_decisions(logits1, torch.tensor([eta], dtype=torch.float64), pipe.exit_policy)[0]
+    return plot_regions(
+        denormalise(records.images.float(), mean, std),
+        records.region[:shown],
+        records.kept[:shown],
+        pipe.grid1,
+        exits,
+        records.labels[:shown],
+        torch.where(exits, logits1.argmax(-1), logits2.argmax(-1)),
+        logits1.softmax(-1).amax(-1),
+        class_names,
+        eta,
+        path,
+        per_group,
+    )
+
+
 def evaluate_pipeline(
     pipe: DynamicPipeline,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -162,7 +192,11 @@ def evaluate_pipeline(
     _check_goal(budget_gflops, target_acc)
 
     pipe.to(device)
-    pool = min(max(8 * settings.region_images, settings.throughput_batch), 256)
+    for key in ("batch_size", "throughput_batch", "throughput_repeats"):
+        if getattr(settings, key) < 1:
+            raise ValueError(f"eval.{key} must be at least 1, got {getattr(settings, key)}")
+    # images kept for the pictures and the throughput batch (which repeats them when it is larger)
+    pool = min(max(8 * settings.region_images, settings.throughput_batch, 1), 256)
     records = collect_records(pipe, batches, device, keep_images=pool, progress=progress, total=total)
     names = list(class_names) if class_names is not None else [str(i) for i in range(records.num_classes)]
     if len(names) < records.num_classes:
@@ -216,24 +250,9 @@ def evaluate_pipeline(
             marked_baseline = MarkedPoint(name, baseline["top1"], baseline["gflops"])
         plot_curve(curve, out_dir / "curve.png", title, chosen, marked_baseline, _paper_region(recipe))
         files["curve"] = "curve.png"
-        shown = records.images.shape[0]
-        exits = exit_decisions(records.logits[0][:shown], torch.tensor([eta], dtype=torch.float64), policy)[0]
-        predictions = torch.where(exits, records.logits[0][:shown].argmax(-1), records.logits[1][:shown].argmax(-1))
-        plot_regions(
-            denormalise(records.images.float(), mean, std),
-            records.region[:shown],
-            records.kept[:shown],
-            pipe.grid1,
-            exits,
-            records.labels[:shown],
-            predictions,
-            records.probs(1)[:shown].amax(-1),
-            names,
-            eta,
-            out_dir / "regions.png",
-            settings.region_images,
-        )
-        files["regions"] = "regions.png"
+        if settings.region_images > 0:
+            draw_regions(records, pipe, eta, names, mean, std, out_dir / "regions.png", settings.region_images)
+            files["regions"] = "regions.png"
     if recipe is not None:
         (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         files["recipe"] = "recipe.yaml"
