@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 import re
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,11 +157,12 @@ def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> LoadReport:
     """
     model = backbone.model
     state = state_dict_from(read_checkpoint(path), path)
-    before = state.get("pos_embed")
+    before = {k: state[k].shape for k in ("pos_embed", "patch_embed.proj.weight") if k in state}
     state = checkpoint_filter_fn(state, model)
     report = LoadReport()
-    if before is not None and state["pos_embed"].shape != before.shape:
-        report.resampled.append(f"pos_embed {tuple(before.shape)} -> {tuple(state['pos_embed'].shape)}")
+    for key, shape in before.items():
+        if key in state and state[key].shape != shape:
+            report.resampled.append(f"{key} {tuple(shape)} -> {tuple(state[key].shape)}")
     own = model.state_dict()
     for key in [k for k in state if k.startswith("head.")]:
         if key not in own or own[key].shape != state[key].shape:
@@ -241,8 +242,8 @@ def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True) 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # a fresh name in the same folder (so the rename is atomic), created by ``write`` with the usual permissions
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -334,6 +335,9 @@ def convert_lfvit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Tensor):
+        if value.is_floating_point() and value.dtype != torch.float64:
+            # the shortest decimal of each value at its own precision: 79.8, not 79.80000305175781
+            return value.float().numpy().astype(str).astype(float).tolist()
         return value.tolist()
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}

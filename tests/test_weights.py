@@ -31,6 +31,7 @@ from dynvit.weights import (
     load_backbone_checkpoint,
     load_pipeline_weights,
     read_checkpoint,
+    save_pipeline_weights,
 )
 
 # -- an authors'-layout LF-ViT checkpoint, tiny ------------------------------------
@@ -238,7 +239,8 @@ def test_import_then_load_round_trips_and_keeps_the_authors_metadata(tmp_path):
     torch.save({"model": state}, tmp_path / "pipe.pth")
     (tmp_path / "ckpt").mkdir()
     save_file(read_checkpoint(tmp_path / "out.safetensors"), tmp_path / "ckpt" / "model.safetensors")
-    for source in (tmp_path / "pipe.pth", tmp_path / "ckpt"):
+    save_pipeline_weights(pipe, tmp_path / "saved.safetensors")
+    for source in (tmp_path / "pipe.pth", tmp_path / "ckpt", tmp_path / "saved.safetensors"):
         other = build_pipeline(tiny_lfvit_recipe("lfvit_deit_s", 112))
         load_pipeline_weights(other, source)
         assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
