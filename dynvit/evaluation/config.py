@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,6 +22,7 @@ class EvalConfig:
     # a plain model evaluated on the same images (for example the bundled `deit_s`)
     baseline_recipe: str | None = None
     baseline_checkpoint: str | None = None
+    baseline_overrides: list[str] = field(default_factory=list)  # key=value overrides of the baseline's recipe
     # throughput of pipe.infer at the chosen eta against the plain backbone with the same weights
     throughput: bool = True
     throughput_batch: int = 64

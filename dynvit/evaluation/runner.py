@@ -306,6 +306,7 @@ def evaluate_pipeline(
 def _build(recipe: DictConfig, checkpoint: str | None, device: torch.device) -> DynamicPipeline:
     from dynvit.weights import load_pipeline_weights
 
+    torch.manual_seed(int(recipe.train.seed))  # a model without a checkpoint is the same on every run
     pipe = build_pipeline(recipe, with_loss=False)
     if checkpoint is not None:
         load_pipeline_weights(pipe, checkpoint)
@@ -385,6 +386,7 @@ def evaluate(
 
     baseline_recipe = baseline_recipe if baseline_recipe is not None else settings.baseline_recipe
     baseline_checkpoint = baseline_checkpoint if baseline_checkpoint is not None else settings.baseline_checkpoint
+    baseline_overrides = list(baseline_overrides) or list(settings.baseline_overrides)
     warnings_ = [] if checkpoint is not None else [RANDOM_WEIGHTS_WARNING]
     baseline = None
     if baseline_recipe is not None:
