@@ -351,9 +351,11 @@ def shard_range(size: int, num_replicas: int = 1, rank: int = 0) -> range:
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell a training loader's sampler which epoch's order to draw."""
-    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    node: Any = loader
+    while node is not None and not hasattr(node, "set_epoch"):  # through batch samplers, skipping wrappers
+        node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
+    if node is not None:
+        node.set_epoch(epoch)
 
 
 # -- loaders -----------------------------------------------------------------------------

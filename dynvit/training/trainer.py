@@ -64,6 +64,8 @@ class Progress:
     step: int = 0  # optimiser steps done in all
     best_val_acc: float | None = None  # best last-stage validation accuracy, a fraction
     best_epoch: int | None = None
+    epoch_loss_sum: float = 0.0  # train loss summed over the epoch's micro-batches so far
+    epoch_loss_count: int = 0
 
 
 # -- building blocks ---------------------------------------------------------------------
@@ -331,7 +333,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     set_seed(cfg.seed, device_specific=True)  # each process its own dropout / mixup streams
     if resume_from is not None:
         meta = load_training_checkpoint(accelerator, resume_from)
-        progress = Progress(**{k: meta[k] for k in asdict(progress)})
+        progress = Progress(**{k: meta[k] for k in asdict(progress) if k in meta})
         if progress.epoch_step and (meta["global_batch"], meta["world_size"]) != (
             global_batch,
             accelerator.num_processes,
@@ -392,7 +394,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
             disable=not accelerator.is_main_process,
             dynamic_ncols=True,
         )
-        loss_sum, loss_count, images_seen, start = 0.0, 0, 0, time.perf_counter()
+        images_seen, start = 0, time.perf_counter()
         for images, labels in islice(batches, micro_batches - done):
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
@@ -412,7 +414,8 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            progress.epoch_loss_sum += loss_value
+            progress.epoch_loss_count += 1
             images_seen += images.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -423,7 +426,8 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
                 ema.update(pipe, step=progress.step)
             current_lr = optimizer.param_groups[0]["lr"]
             rate = images_seen / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.0f}")
+            train_loss = progress.epoch_loss_sum / progress.epoch_loss_count
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.0f}")
             bar.update()
             if cfg.tensorboard and progress.step % cfg.log_every_steps == 0:
                 accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
@@ -443,12 +447,14 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
             break
 
         # -- end of epoch: validate, log, checkpoint
+        train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
         progress.epoch, progress.epoch_step = epoch + 1, 0
+        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
         accuracies = evaluate_stages(accelerator, pipe, val_loader)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": progress.step,
-            "train_loss": loss_sum / max(loss_count, 1),
+            "train_loss": train_loss,
             "lr": optimizer.param_groups[0]["lr"],
             **accuracy_metrics(accuracies),
         }
