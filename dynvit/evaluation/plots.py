@@ -7,6 +7,7 @@ keeps the PNGs' pixel sizes predictable.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def plot_regions(
     fig = plt.figure(figsize=(PANEL_INCHES * per_group, 2 * (PANEL_INCHES + 0.4)), dpi=DPI)
     try:
         groups = (
-            (exits, f"exited at stage 1 (stage-1 confidence >= eta = {eta:.2f})"),
+            (exits, f"exited at stage 1 (stage-1 confidence >= eta = {eta:g})"),
             (~exits, "needed stage 2"),
         )
         for subfig, (mask, caption) in zip(fig.subfigures(2, 1), groups):
@@ -180,10 +181,22 @@ def plot_regions(
                 good = int(predictions[i]) == int(labels[i])
                 ax.set_title(
                     f"{_short(class_names[int(labels[i])])} -> {_short(class_names[int(predictions[i])])}"
-                    f" ({float(confidence[i]):.2f})",
+                    f", p1={float(confidence[i]):.2f}",
                     fontsize=7,
                     color="green" if good else "red",
                 )
+        fig.text(
+            0.5,
+            0.005,
+            textwrap.fill(
+                "red: the region stage 1 chose (for every image, also those that exited); cyan: its top-K tokens, "
+                "recomputed at full resolution in stage 2; title: label -> prediction, p1 = stage-1 confidence",
+                width=30 * per_group,
+            ),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
         fig.savefig(path, dpi=DPI)
     finally:
         plt.close(fig)

@@ -143,7 +143,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
 
     if metrics["dynamic"] is not None:
-        rows.append(point_row(f"dynamic, recipe eta={metrics['dynamic']['eta']:.2f}", metrics["dynamic"]))
+        rows.append(point_row(f"dynamic, recipe eta={metrics['dynamic']['eta']:g}", metrics["dynamic"]))
     calibration = metrics["calibration"]
     if calibration is not None and calibration["mode"] != "recipe":
         goal = (
@@ -153,8 +153,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
         missed = "" if calibration["feasible"] else " NOT MET"
         eta = calibration["eta"]
-        rows.append(point_row(f"calibrated eta={eta:.2f} ({goal}{missed}), calibration", calibration["calibration"]))
-        rows.append(point_row(f"calibrated eta={eta:.2f}, held-out", calibration["heldout"]))
+        rows.append(point_row(f"calibrated eta={eta:g} ({goal}{missed}), calibration", calibration["calibration"]))
+        rows.append(point_row(f"calibrated eta={eta:g}, held-out", calibration["heldout"]))
     baseline = metrics["baseline"]
     if baseline is not None:
         rows.append(
@@ -175,7 +175,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(
             f"throughput ({throughput['device']}, batch {throughput['batch_size']}, {throughput['precision']}, "
             f"median of {throughput['repeats']} after {throughput['warmup']} warm-up): "
-            f"dynamic eta={throughput['eta']:.2f} {throughput['dynamic']['images_per_second']:.1f} img/s "
+            f"dynamic eta={throughput['eta']:g} {throughput['dynamic']['images_per_second']:.1f} img/s "
             f"(exit@1 {_pct(throughput['exit_fraction'])}), plain backbone same weights "
             f"{throughput['full_resolution']['images_per_second']:.1f} img/s, ratio {throughput['speedup']:.2f}x"
         )

@@ -225,7 +225,7 @@ def evaluate_pipeline(
             if not calibration.feasible:
                 goal = f"{budget_gflops} GFLOPs" if budget_gflops is not None else f"top-1 {target_acc}"
                 warnings_.append(
-                    f"no threshold meets {goal} on the calibration images; eta={calibration.eta:.2f} is the closest"
+                    f"no threshold meets {goal} on the calibration images; eta={calibration.eta:g} is the closest"
                 )
         else:
             warnings_.append("fewer than 2 images: no calibration split")
@@ -234,7 +234,7 @@ def evaluate_pipeline(
             records, flops.stage1, flops.stage2, torch.tensor([eta], dtype=torch.float64), policy=policy
         ).point(0)
         how = calibration.mode if calibration is not None else "recipe"
-        label = f"eta={eta:.2f} ({how}), all {records.count} images"
+        label = f"eta={eta:g} ({how}), all {records.count} images"
         if settings.throughput:
             batch = _tile(records.images, settings.throughput_batch).to(device)
             throughput = measure_throughput(
