@@ -28,10 +28,9 @@ from dynvit.evaluation.report import (
 from dynvit.evaluation.throughput import measure_throughput
 from dynvit.pipeline import DynamicPipeline, build_pipeline
 from dynvit.recipe import load_recipe, recipe_to_yaml
+from dynvit.training.config import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_WEIGHTS_WARNING = "no checkpoint given: these figures are for a RANDOMLY INITIALISED model"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class StageFlops(Protocol):
