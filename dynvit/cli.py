@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # key=value overrides may also follow options: `dynvit eval RECIPE --checkpoint PATH key=value`
+    if extras and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extras):
+        args.overrides = [*args.overrides, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

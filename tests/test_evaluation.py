@@ -488,7 +488,8 @@ def test_cli_eval_with_a_baseline_and_an_accuracy_target(disk_data, tmp_path, ca
     from dynvit.cli import main
 
     out = tmp_path / "eval"
-    argv = ["eval", "quickstart", *TINY, *data_overrides(disk_data), "--out", str(out), "--target-acc", "0.05"]
+    # overrides may come before and after the options
+    argv = ["eval", "quickstart", *TINY, "--out", str(out), *data_overrides(disk_data), "--target-acc", "0.05"]
     argv += ["--device", "cpu", "--limit", "21", "--no-progress", "--baseline", "quickstart"]
     argv += [f"--baseline-override={o}" for o in [*TINY, "model.stages=1"]]
     assert main(argv) == 0
