@@ -119,13 +119,22 @@ class Backbone(nn.Module, ABC):
 
 
 class ExitPolicy(nn.Module, ABC):
-    """Decides which samples stop after stage 1 (inference only)."""
+    """Decides which samples stop after stage 1 (inference only).
+
+    A policy scores each sample; it exits when its score is >= the
+    threshold. Exposing the score lets evaluation sweep every threshold in
+    one broadcast instead of re-running the policy.
+    """
 
     threshold: float
 
     @abstractmethod
+    def score(self, logits: Tensor) -> Tensor:
+        """(B, C) stage-1 logits -> (B,) float score; higher means more certain."""
+
     def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
         """(B, C) stage-1 logits -> (B,) bool, True where the sample exits."""
+        return self.score(logits) >= (self.threshold if threshold is None else threshold)
 
 
 class RegionSelector(nn.Module, ABC):

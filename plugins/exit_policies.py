@@ -19,9 +19,8 @@ class ConfidenceExit(ExitPolicy):
         super().__init__()
         self.threshold = threshold
 
-    def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
-        eta = self.threshold if threshold is None else threshold
-        return logits.float().softmax(dim=-1).amax(dim=-1) >= eta
+    def score(self, logits: Tensor) -> Tensor:
+        return logits.float().softmax(dim=-1).amax(dim=-1)
 
 
 @register("exit_policy", "entropy")
@@ -32,11 +31,10 @@ class EntropyExit(ExitPolicy):
         super().__init__()
         self.threshold = threshold
 
-    def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
-        eta = self.threshold if threshold is None else threshold
+    def score(self, logits: Tensor) -> Tensor:
         log_p = logits.float().log_softmax(dim=-1)
         entropy = -(log_p.exp() * log_p).sum(dim=-1)
-        return 1 - entropy / math.log(logits.shape[-1]) >= eta
+        return 1 - entropy / math.log(logits.shape[-1])
 
 
 @register("exit_policy", "never")
@@ -45,5 +43,5 @@ class NeverExit(ExitPolicy):
 
     threshold = 1.0
 
-    def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    def score(self, logits: Tensor) -> Tensor:
+        return torch.full((logits.shape[0],), -math.inf, device=logits.device)
