@@ -80,8 +80,11 @@ class ExitFraction(ExitPolicy):
         self.fraction = fraction
         self.threshold = float("nan")  # no fixed threshold: it is chosen per batch
 
+    def score(self, logits: Tensor) -> Tensor:
+        return logits.float().softmax(dim=-1).amax(dim=-1)
+
     def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
-        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        confidence = self.score(logits)
         exits = torch.zeros_like(confidence, dtype=torch.bool)
         count = round(self.fraction * logits.shape[0])
         if count:
@@ -117,6 +120,9 @@ class Bench:
     dtype: torch.dtype
     warmup: int
     repeats: int
+    # wall clock, or the process's CPU time: on a shared CPU with one torch thread the latter counts only the
+    # work itself, not the time other processes hold the cores
+    clock: Callable[[], float] = time.perf_counter
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -139,10 +145,10 @@ class Bench:
     def time(self, fn: Callable[[], object]) -> float:
         """Seconds one call takes, the device synchronised before and after."""
         self.sync()
-        start = time.perf_counter()
+        start = self.clock()
         fn()
         self.sync()
-        return time.perf_counter() - start
+        return self.clock() - start
 
     def rounds(self, fns: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
         """Time every function once per round, alternating (order reversed every other round); warm-up dropped."""
@@ -319,14 +325,13 @@ class TrainStep:
         self.scaler.update()
 
 
-def measure_training(
-    pipe: DynamicPipeline, images: Tensor, labels: Tensor, bench: Bench, timed: bool, memory: bool
-) -> dict[str, object]:
-    """Alternating training steps of the timm model and of LF-ViT in both training phases (and their peak memory).
+def train_steps(pipe: DynamicPipeline, images: Tensor, labels: Tensor, bench: Bench) -> dict[str, TrainStep]:
+    """Training steps of the timm model and of LF-ViT in both training phases (call with ``pipe.train()``).
 
     LF-ViT's step is ``pipe(images)`` (every sample through both stages),
     its CE + KL loss, backward and AdamW over all its parameters; the
     backbone's is the timm forward, CE, backward and AdamW over its own.
+    "whole image" is LF-ViT's first phase: stage 2 on every full-resolution token.
     """
 
     def backbone_loss() -> Tensor:
@@ -342,11 +347,18 @@ def measure_training(
 
         return loss
 
-    steps = {
+    return {
         "backbone": TrainStep(backbone_loss, list(pipe.backbone.model.parameters()), bench),
         "LF-ViT": TrainStep(lfvit_loss(False), list(pipe.parameters()), bench),
         "LF-ViT whole image": TrainStep(lfvit_loss(True), list(pipe.parameters()), bench),
     }
+
+
+def measure_training(
+    pipe: DynamicPipeline, images: Tensor, labels: Tensor, bench: Bench, timed: bool, memory: bool
+) -> dict[str, object]:
+    """Alternating rounds of the three :func:`train_steps` (and the peak memory of each)."""
+    steps = train_steps(pipe, images, labels, bench)
     pipe.train()
     try:
         times: dict[str, object] = dict(bench.rounds(steps)) if timed else {}
@@ -441,7 +453,8 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         + (" autocast" if args.dtype != "fp32" else ""),
         f"torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
         f"FLOPs: {CONVENTION}, per image, counted by dynvit.flops",
-        f"timing: median of {args.repeats} alternating rounds after {args.warmup} warm-up, device synchronised; "
+        f"timing: {'process CPU time' if args.clock == 'cpu' else 'wall clock'}, median of {args.repeats} "
+        f"alternating rounds after {args.warmup} warm-up, device synchronised; "
         "random weights (speed does not depend on their values); exits forced to the stated fraction "
         "(the most confident samples of each batch)",
         f"command: {' '.join([sys.argv[0], *sys.argv[1:]])}",
@@ -449,7 +462,8 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
         lines.append(
             f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes share the "
-            "CPU, so timings are noisy (the ratios less so, as the models alternate); --threads 1 is steadier"
+            "CPU, so timings are noisy (the ratios less so, as the models alternate); "
+            "--threads 1 --clock cpu measures the work alone"
         )
     if device.type == "cuda":
         lines.append(
@@ -487,6 +501,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --tiny)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time (default); cpu: the process's CPU time, for a shared CPU with --threads 1",
+    )
     parser.add_argument("--tiny", action="store_true", help="the quickstart-sized LF-ViT, small batches: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -510,6 +530,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for f in [*args.exit_fractions, *args.overhead_fractions]:
         if not 0.0 <= f <= 1.0:
             parser.error(f"exit fractions must be in [0, 1], got {f}")
+    if args.clock == "cpu" and (gpu or args.threads != 1):
+        parser.error("--clock cpu measures single-threaded CPU work: use it with --device cpu --threads 1")
     if min(args.batch, args.train_batch, args.repeats) < 1 or args.warmup < 0:
         parser.error("--batch, --train-batch and --repeats must be >= 1 and --warmup >= 0")
     return args
@@ -538,13 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    bench = Bench(device, DTYPES[args.dtype], args.warmup, args.repeats)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    bench = Bench(device, DTYPES[args.dtype], args.warmup, args.repeats, clock)
     print(header(args, device))
     for spec in args.recipes:
         torch.manual_seed(args.seed)
         pipe = build(spec, device)
         size = pipe.image_size
-        generator = torch.Generator(device).manual_seed(args.seed)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
         images = torch.randn(args.batch, 3, size, size, device=device, generator=generator)
         train_images = images[: args.train_batch] if args.train_batch <= args.batch else None
         if train_images is None:

@@ -44,8 +44,11 @@ class HalfExit(ExitPolicy):
 
     threshold = float("nan")
 
+    def score(self, logits: Tensor) -> Tensor:
+        return logits.softmax(dim=-1).amax(dim=-1)
+
     def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
-        confidence = logits.softmax(dim=-1).amax(dim=-1)
+        confidence = self.score(logits)
         exits = torch.zeros_like(confidence, dtype=torch.bool)
         return exits.scatter_(0, confidence.topk(logits.shape[0] // 2).indices, True)
 
