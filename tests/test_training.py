@@ -360,3 +360,15 @@ def test_bad_folders_fail_through_the_command_line(tmp_path, capsys):
         assert err.startswith("error: ")
         assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_every_parameter_gets_a_gradient_in_both_phases(disk_data, tmp_path):
+    # DDP runs with find_unused_parameters=False unless the probe finds a parameter left out of a
+    # step; the LF-ViT stages must use every one, with and without region selection
+    from dynvit.training.trainer import unused_parameters
+
+    pipe = build_pipeline(tiny_recipe(disk_data, tmp_path))
+    assert unused_parameters(pipe, [True, False]) == []
+    pipe.spare = torch.nn.Linear(2, 2)  # a stage that holds a parameter it never uses
+    assert unused_parameters(pipe, [True]) == ["spare.bias", "spare.weight"]
+    assert not pipe.whole_image_stage2 and all(p.grad is None for p in pipe.parameters())

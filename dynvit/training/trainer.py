@@ -168,6 +168,17 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def _limit_cpu_threads(accelerator: Accelerator, num_workers: int) -> None:
+    """On the CPU, leave the DataLoader workers their cores: oversubscribed math threads crawl.
+
+    Only when the user has not chosen (OMP_NUM_THREADS); multi-process launchers set it themselves.
+    """
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // accelerator.num_processes - num_workers)))
+
+
 def _resume_folder(resume: str | None, output_dir: Path) -> Path | None:
     if resume is None:
         try:
@@ -264,9 +275,10 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     output_dir = Path(cfg.output_dir)
     accelerator, ddp = make_accelerator(cfg, output_dir)
     accum = cfg.grad_accum_steps
+    _limit_cpu_threads(accelerator, data.num_workers)
 
     # -- checks that fail before anything heavy runs
-    with accelerator.main_process_first():  # the quickstart data set builds on first use
+    with accelerator.local_main_process_first():  # data caches (quickstart, imagefolder) build once per node
         classes = validate_data(recipe)
     resume_from = _resume_folder(resume, output_dir)
     if cfg.full_image_epochs > cfg.epochs:
@@ -283,7 +295,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
             accelerator.print(f"parameters without gradient in some steps (DDP will look for them): {unused[:5]}")
 
     # -- data: a disjoint shard per process
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
         train_loader = build_dataloader(recipe, data.train_split, train=True, limit=data.train_limit, **shard)
         val_loader = build_dataloader(recipe, data.val_split, train=False, limit=data.val_limit, **shard)
