@@ -106,6 +106,7 @@ def tiny_overrides(data_path: Path, output_dir: Path, *overrides: str, source: s
         "data.num_workers=0",
         "train.batch_size=8",
         "train.epochs=2",
+        "train.full_image_epochs=0",
         f"train.output_dir={output_dir}",
         "train.seed=0",
         "eval.batch_size=16",
@@ -310,7 +311,8 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_intact(tmp_path
 
 
 def test_nan_loss_stops_before_the_update_with_the_last_checkpoint_intact(disk_data, tmp_path, monkeypatch):
-    recipe = tiny_recipe(disk_data, tmp_path / "run", *PLAIN_TRAINING, "train.checkpoint_every_steps=2")
+    steps = ["train.checkpoint_every_steps=2", "train.keep_step_checkpoints=true"]
+    recipe = tiny_recipe(disk_data, tmp_path / "run", *PLAIN_TRAINING, *steps)
     calls = []
     compute_loss = DynamicPipeline.compute_loss
 
@@ -325,6 +327,8 @@ def test_nan_loss_stops_before_the_update_with_the_last_checkpoint_intact(disk_d
     last = tmp_path / "run" / "checkpoints" / "last"
     assert ckpt.read_meta(last)["step"] == 2
     assert all(torch.isfinite(w).all() for w in weights_of(last).values())
+    kept = tmp_path / "run" / "checkpoints" / "step_2"
+    assert ckpt.read_meta(kept)["step"] == 2 and max_difference(weights_of(kept), weights_of(last)) == 0
 
 
 # -- bad input fails before training, naming the problem ---------------------------------
@@ -372,3 +376,23 @@ def test_every_parameter_gets_a_gradient_in_both_phases(disk_data, tmp_path):
     pipe.spare = torch.nn.Linear(2, 2)  # a stage that holds a parameter it never uses
     assert unused_parameters(pipe, [True]) == ["spare.bias", "spare.weight"]
     assert not pipe.whole_image_stage2 and all(p.grad is None for p in pipe.parameters())
+
+
+def test_gradient_accumulation_equals_the_larger_batch(disk_data, tmp_path):
+    # 2 micro-batches of 4 make one step of 8: same images (positions), same mean loss, same update
+    common = [*PLAIN_TRAINING, "train.aa=rand-m9-mstd0.5-inc1", "train.clip_grad=0.5", "train.epochs=1"]
+    big = train(tiny_recipe(disk_data, tmp_path / "big", *common, "train.batch_size=8"))
+    accumulated = train(
+        tiny_recipe(disk_data, tmp_path / "acc", *common, "train.batch_size=4", "train.grad_accum_steps=2")
+    )
+    assert ckpt.read_meta(accumulated / "checkpoints" / "last")["step"] == 4
+    last = "checkpoints/last"
+    assert max_difference(weights_of(big / last), weights_of(accumulated / last)) <= 1e-5
+
+
+def test_tensorboard_is_optional(disk_data, tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(TrainingError, match="pip install tensorboard"):
+        train(tiny_recipe(disk_data, tmp_path / "run", "train.tensorboard=true"))

@@ -281,8 +281,11 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     with accelerator.local_main_process_first():  # data caches (quickstart, imagefolder) build once per node
         classes = validate_data(recipe)
     resume_from = _resume_folder(resume, output_dir)
-    if cfg.full_image_epochs > cfg.epochs:
-        raise TrainingError(f"train.full_image_epochs={cfg.full_image_epochs} exceeds train.epochs={cfg.epochs}")
+    if cfg.full_image_epochs >= cfg.epochs > 0:
+        accelerator.print(
+            f"note: train.full_image_epochs={cfg.full_image_epochs} >= train.epochs={cfg.epochs}: stage 2 sees the "
+            "whole image throughout and region selection is never trained"
+        )
 
     # -- model; DDP is told about parameters a step can leave unused
     set_seed(cfg.seed)
@@ -389,6 +392,14 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
         save_training_checkpoint(accelerator, model, target, meta, ema)
 
     ckpt_dir = checkpoints_dir(output_dir)
+
+    def every_n_steps(step: int) -> bool:
+        return bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+
+    def keep_step_checkpoint(step: int) -> None:
+        if cfg.keep_step_checkpoints and every_n_steps(step) and accelerator.is_main_process:
+            copy_checkpoint(ckpt_dir / "last", ckpt_dir / f"step_{step}")
+
     for epoch in range(progress.epoch, cfg.epochs):
         if max_steps is not None and progress.step >= max_steps:
             break
@@ -444,12 +455,9 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
             if cfg.tensorboard and progress.step % cfg.log_every_steps == 0:
                 accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
             stop = max_steps is not None and progress.step >= max_steps
-            if progress.epoch_step < steps_per_epoch and (
-                stop or (cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0)
-            ):
-                save(ckpt_dir / "last")
-                if cfg.keep_step_checkpoints and accelerator.is_main_process:
-                    copy_checkpoint(ckpt_dir / "last", ckpt_dir / f"step_{progress.step}")
+            if progress.epoch_step < steps_per_epoch and (stop or every_n_steps(progress.step)):
+                save(ckpt_dir / "last")  # at the epoch's end `last` is saved after validation instead
+                keep_step_checkpoint(progress.step)
             if stop:
                 break
         bar.close()
@@ -492,6 +500,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
         if cfg.tensorboard:
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if k.startswith("val_")}, step=progress.step)
         save(ckpt_dir / "last")
+        keep_step_checkpoint(progress.step)
         if improved and accelerator.is_main_process:
             copy_checkpoint(ckpt_dir / "last", ckpt_dir / "best")
         accelerator.wait_for_everyone()
