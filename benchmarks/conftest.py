@@ -4,6 +4,9 @@
 it to a few minutes on a 2-core CPU. Options pick another model or size::
 
     pytest benchmarks/ --benchmark-only --dynvit-model tiny         # the quickstart LF-ViT, seconds
+    # one torch thread by default; on a CPU shared with other work, time by the process's CPU time
+    pytest benchmarks/ --benchmark-only --benchmark-timer time.process_time
+    pytest benchmarks/ --benchmark-only --dynvit-threads 0                # torch's own thread count
     pytest benchmarks/ --benchmark-only --dynvit-device cuda --dynvit-batch 256 --dynvit-dtype bf16
 """
 
@@ -27,7 +30,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dynvit-device", default="cpu", choices=["cpu", "cuda"])
     group.addoption("--dynvit-batch", type=int, default=8, help="inference batch (training uses half)")
     group.addoption("--dynvit-dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (fp32: none)")
-    group.addoption("--dynvit-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.addoption(
+        "--dynvit-threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1, steady on a shared CPU; 0: torch's choice)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("--dynvit-threads", default=0)
+    if threads:  # before any benchmark runs, fixtures or not
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -42,8 +56,6 @@ class Setup:
 @pytest.fixture(scope="session")
 def setup(request: pytest.FixtureRequest) -> Setup:
     option = request.config.getoption
-    if option("--dynvit-threads"):
-        torch.set_num_threads(option("--dynvit-threads"))
     device = torch.device(option("--dynvit-device"))
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("--dynvit-device cuda, but torch sees no CUDA device")

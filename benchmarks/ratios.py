@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -92,6 +93,12 @@ class ExitFraction(ExitPolicy):
         return exits
 
 
+@functools.lru_cache
+def exit_fraction(fraction: float) -> ExitFraction:
+    """One policy object per fraction, so timed calls do not pay for building it."""
+    return ExitFraction(fraction)
+
+
 def forced_infer(pipe: DynamicPipeline, images: Tensor, fraction: float) -> object:
     """``pipe.infer(images)`` with ``fraction`` of the batch exiting after stage 1."""
     with forced_exit(pipe, fraction):
@@ -102,7 +109,7 @@ def forced_infer(pipe: DynamicPipeline, images: Tensor, fraction: float) -> obje
 def forced_exit(pipe: DynamicPipeline, fraction: float) -> Iterator[None]:
     """Swap the pipeline's exit policy for :class:`ExitFraction` for the duration of the block."""
     original = pipe.exit_policy
-    pipe.exit_policy = ExitFraction(fraction)
+    pipe.exit_policy = exit_fraction(fraction)
     try:
         yield
     finally:
@@ -277,7 +284,7 @@ def throughput_rows(times: dict, fractions: Sequence[float], batch: int, flops: 
         rows.append(
             {
                 "exit %": f"{100 * f:.0f}",
-                "GFLOPs": f"{flops.expected(f):.2f}",
+                "GFLOPs/img": f"{flops.expected(f):.2f}",
                 "LF-ViT img/s": f"{batch / statistics.median(infer):.1f}",
                 "backbone img/s": f"{batch / statistics.median(backbone):.1f}",
                 "measured speedup": f"{measured:.2f}x",
@@ -463,7 +470,7 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         lines.append(
             f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes share the "
             "CPU, so timings are noisy (the ratios less so, as the models alternate); "
-            "--threads 1 --clock cpu measures the work alone"
+            "--clock cpu measures the work alone"
         )
     if device.type == "cuda":
         lines.append(
@@ -481,8 +488,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    parser.add_argument("--batch", type=int, default=None, help="inference batch (default: 1024 cuda, 16 cpu)")
-    parser.add_argument("--train-batch", type=int, default=None, help="training batch (default: 256 cuda, 8 cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="inference batch (default: 1024 cuda, 8 cpu)")
+    parser.add_argument("--train-batch", type=int, default=None, help="training batch (default: 256 cuda, 4 cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 autocast on cuda, fp32 cpu")
     parser.add_argument(
         "--recipes",
@@ -499,7 +506,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 10 cuda, 3 cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 3 cuda, 1 cpu)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 with --tiny)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1: on a CPU shared with other work, every multi-threaded op\n"
+        "waits for descheduled threads, which hits LF-ViT's many small ops hardest; 0: torch's choice)",
     )
     parser.add_argument(
         "--clock",
@@ -516,13 +527,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     gpu = args.device == "cuda"
     defaults = {
-        "batch": 64 if args.tiny else (1024 if gpu else 16),
-        "train_batch": 32 if args.tiny else (256 if gpu else 8),
+        "batch": 64 if args.tiny else (1024 if gpu else 8),
+        "train_batch": 32 if args.tiny else (256 if gpu else 4),
         "dtype": "bf16" if gpu else "fp32",
         "repeats": 10 if gpu else (5 if args.tiny else 3),
         "warmup": 3 if gpu else (2 if args.tiny else 1),
         "recipes": TINY_RECIPES if args.tiny else DEFAULT_RECIPES,
-        "threads": 1 if args.tiny and not gpu else None,
+        "threads": None if gpu else 1,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -554,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are measured
     device = torch.device(args.device)
-    if args.threads:
+    if args.threads:  # None or 0: torch's choice
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
