@@ -19,12 +19,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
@@ -156,7 +157,8 @@ def make_accelerator(cfg: DictConfig, output_dir: Path) -> tuple[Accelerator, Di
         cpu=cfg.cpu or not _has_accelerator(),
         log_with=log_with,
         project_dir=str(output_dir),
-        kwargs_handlers=[ddp],
+        # the other processes wait at a barrier while the first builds a data cache (ImageNet: minutes)
+        kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
     )
     return accelerator, ddp
 
