@@ -498,7 +498,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"presets ({', '.join(PRESETS)}) or recipe names/paths, optionally RECIPE:key=value,key=value\n"
         f"(default: {' '.join(DEFAULT_RECIPES)})",
     )
-    parser.add_argument("--exit-fractions", nargs="+", type=float, default=DEFAULT_FRACTIONS)
+    parser.add_argument(
+        "--exit-fractions",
+        nargs="+",
+        type=float,
+        default=DEFAULT_FRACTIONS,
+        help="forced exit fractions of the throughput table (0.8: about the paper's operating point)",
+    )
     parser.add_argument(
         "--overhead-fractions", nargs="+", type=float, default=[0.0, 0.8], help="exit fractions of the overhead table"
     )
