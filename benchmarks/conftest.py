@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from ratios import DTYPES, PRESETS, Bench, build
+from ratios import DTYPES, PRESETS, Bench, build, configure_cuda
 from torch import Tensor
 
 from dynvit.pipeline import DynamicPipeline
@@ -59,6 +59,7 @@ def setup(request: pytest.FixtureRequest) -> Setup:
     device = torch.device(option("--dynvit-device"))
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("--dynvit-device cuda, but torch sees no CUDA device")
+    configure_cuda(device)
     model = MODELS.get(option("--dynvit-model"), option("--dynvit-model"))
     if model not in PRESETS:
         raise pytest.UsageError(f"--dynvit-model {model!r}: use one of {', '.join([*MODELS, *PRESETS])}")

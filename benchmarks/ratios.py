@@ -554,6 +554,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def configure_cuda(device: torch.device) -> None:
+    """TF32 matmuls and cuDNN autotuning on CUDA, as throughput benchmarks of timm models run (both models alike)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def build(spec: str, device: torch.device) -> DynamicPipeline:
     """A preset name, or ``RECIPE[:key=value,...]``, built with random weights on ``device``."""
     if spec in PRESETS:
@@ -573,10 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:  # None or 0: torch's choice
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_cuda(device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bench = Bench(device, DTYPES[args.dtype], args.warmup, args.repeats, clock)
     print(header(args, device))

@@ -20,17 +20,37 @@ BATCH, GRID, GRID2, DEPTH, DIM = 1024, (7, 7), (14, 14), 12, 8
 
 
 @pytest.fixture(scope="module")
-def stage1() -> Stage1Output:
+def device(request) -> torch.device:
+    device = torch.device(request.config.getoption("--dynvit-device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--dynvit-device cuda, but torch sees no CUDA device")
+    return device
+
+
+@pytest.fixture(scope="module")
+def stage1(device) -> Stage1Output:
     generator = torch.Generator().manual_seed(0)
     cells = GRID[0] * GRID[1]
-    attention = {b: torch.rand(BATCH, cells, generator=generator).softmax(-1) for b in range(3, DEPTH)}
+    attention = {b: torch.rand(BATCH, cells, generator=generator).softmax(-1).to(device) for b in range(3, DEPTH)}
     return Stage1Output(
-        logits=torch.zeros(BATCH, 10),
-        tokens=torch.zeros(BATCH, 1 + cells, DIM),
+        logits=torch.zeros(BATCH, 10, device=device),
+        tokens=torch.zeros(BATCH, 1 + cells, DIM, device=device),
         class_attention=attention,
-        embeddings=torch.zeros(BATCH, cells, DIM),
+        embeddings=torch.zeros(BATCH, cells, DIM, device=device),
         grid=GRID,
     )
+
+
+def synced(fn, device: torch.device):
+    """``fn`` followed by a device synchronisation, so a benchmark times the kernels and not their launch."""
+
+    def run():
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
 def build_selector(kind: str, region: int):
@@ -40,9 +60,10 @@ def build_selector(kind: str, region: int):
 @pytest.mark.benchmark(group="select")
 @pytest.mark.parametrize("kind", ["ngca", "max_gca", "topk_gca"])
 @pytest.mark.parametrize("region", [4, 5, 6])
-def test_selector(benchmark, stage1, kind, region):
-    selector = build_selector(kind, region)
-    selection = benchmark.pedantic(lambda: selector(stage1, GRID2), rounds=20, iterations=1, warmup_rounds=2)
+def test_selector(benchmark, stage1, device, kind, region):
+    selector = build_selector(kind, region).to(device)
+    run = synced(lambda: selector(stage1, GRID2), device)
+    selection = benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
     assert selection.full_index.shape == (BATCH, 4 * selector.num_kept)
 
 
@@ -52,7 +73,7 @@ def looped_ngca(stage1: Stage1Output, region: int, alpha: float = 0.88, beta: fl
     keep = math.ceil(round(alpha * region * region, 6))
     kept = []
     for i in range(stage1.logits.shape[0]):
-        g = torch.zeros(rows * cols)
+        g = torch.zeros(rows * cols, device=stage1.logits.device)
         for block in sorted(stage1.class_attention):
             g = beta * g + (1 - beta) * stage1.class_attention[block][i]
         grid = g.reshape(rows, cols)
@@ -69,8 +90,8 @@ def looped_ngca(stage1: Stage1Output, region: int, alpha: float = 0.88, beta: fl
 
 
 @pytest.mark.benchmark(group="select")
-def test_python_loop_reference(benchmark, stage1):
-    kept = benchmark.pedantic(lambda: looped_ngca(stage1, 5), rounds=1, iterations=1, warmup_rounds=0)
-    selection: Selection = build_selector("ngca", 5)(stage1, GRID2)
+def test_python_loop_reference(benchmark, stage1, device):
+    kept = benchmark.pedantic(synced(lambda: looped_ngca(stage1, 5), device), rounds=1, iterations=1, warmup_rounds=0)
+    selection: Selection = build_selector("ngca", 5).to(device)(stage1, GRID2)
     # the reference is a reference: same cells kept (top-K order may differ only on exact ties)
     assert torch.equal(kept.sort(dim=1).values, selection.kept.sort(dim=1).values)
