@@ -133,8 +133,12 @@ class DynamicPipeline(nn.Module):
         """Stage 2 on the selected full-resolution tokens plus the reused stage-1 ones."""
         patches = self.backbone.embed_patches(images, selection.full_index)
         if self.fuser is not None:
-            parent = parent_index(selection.full_index, self.grid1, self.grid2)
-            patches = self.fuser(patches, stage1.tokens[:, 1:], parent)
+            # the fuser sees only the kept stage-1 tokens, and each patch's parent as a slot among them
+            kept = selection.kept
+            slot = torch.empty(kept.shape[0], self.grid1[0] * self.grid1[1], dtype=kept.dtype, device=kept.device)
+            slot.scatter_(1, kept, torch.arange(kept.shape[1], device=kept.device).expand_as(kept))
+            parent = slot.gather(1, parent_index(selection.full_index, self.grid1, self.grid2))
+            patches = self.fuser(patches, gather_tokens(stage1.tokens[:, 1:], kept), parent)
         pos = self.backbone.position_embedding(self.grid2)
         tokens = patches + gather_tokens(pos[:, 1:], selection.full_index)
         if self.reuser is not None and selection.reuse_index.shape[1] > 0:
@@ -166,12 +170,15 @@ class DynamicPipeline(nn.Module):
         exits = self.exit_policy(stage1.logits, threshold)
         exit_stage = torch.where(exits, 1, 2)
         logits = stage1.logits.clone()
+        # select for the whole batch before the host waits on the exit decision: the GPU keeps busy
+        selection = self.select(stage1)
         remaining = torch.nonzero(~exits).squeeze(1)
-        selection = None
         if remaining.numel() > 0:
-            sub = stage1.take(remaining)
-            selection = self.select(sub)
+            selection = selection.take(remaining)
+            sub = stage1.take(remaining, with_attention=False)
             logits[remaining] = self.run_stage2(images[remaining], sub, selection).to(logits.dtype)
+        else:
+            selection = None
         return InferenceResult(logits=logits, exit_stage=exit_stage, stage1_logits=stage1.logits, selection=selection)
 
     def compute_loss(self, output: PipelineOutput, target: Tensor) -> Tensor:

@@ -35,12 +35,12 @@ class Stage1Output(BackboneOutput):
     embeddings: Tensor  # (B, N1, D) stage-1 input embeddings (patch embedding + position)
     grid: Grid  # stage-1 patch grid (rows, cols)
 
-    def take(self, index: Tensor) -> Stage1Output:
+    def take(self, index: Tensor, with_attention: bool = True) -> Stage1Output:
         """The same outputs for a sub-batch (``index`` into the batch)."""
         return Stage1Output(
             logits=self.logits[index],
             tokens=self.tokens[index],
-            class_attention={k: v[index] for k, v in self.class_attention.items()},
+            class_attention={k: v[index] for k, v in self.class_attention.items()} if with_attention else {},
             embeddings=self.embeddings[index],
             grid=self.grid,
         )
@@ -55,13 +55,17 @@ class Selection:
     ``region``: (B, 4) the chosen window on the stage-1 grid as
     (row, col, height, width), for pictures and tests.
     ``kept``: (B, K) stage-1 indices whose full-resolution children are in
-    ``full_index``.
+    ``full_index``; the parent of every ``full_index`` cell is among them.
     """
 
     full_index: Tensor
     reuse_index: Tensor
     region: Tensor
     kept: Tensor
+
+    def take(self, index: Tensor) -> Selection:
+        """The selection of a sub-batch (``index`` into the batch)."""
+        return Selection(self.full_index[index], self.reuse_index[index], self.region[index], self.kept[index])
 
     @classmethod
     def whole_image(cls, batch: int, grid1: Grid, grid2: Grid, device: torch.device | None = None) -> Selection:
@@ -153,8 +157,8 @@ class Fuser(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, patches: Tensor, stage1_tokens: Tensor, parent: Tensor) -> Tensor:
-        """(B, M, D) patches, (B, N1, D) final stage-1 patch tokens, (B, M) parent
-        stage-1 index of each patch -> (B, M, D)."""
+        """(B, M, D) patches, (B, K, D) final stage-1 tokens of the kept cells, (B, M)
+        index of each patch's parent among those K -> (B, M, D)."""
 
 
 class TokenReuser(nn.Module, ABC):

@@ -160,9 +160,8 @@ class TimmViT(Backbone):
             return
         attn = self.model.blocks[index].attn
         b, n, _ = qkv.shape
-        heads, dim = attn.num_heads, attn.head_dim
-        qkv = qkv.detach().reshape(b, n, 3, heads, dim)
-        q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, H, 1, d)
-        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, d)
-        scores = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
-        self._capture[index] = scores.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+        qkv = qkv.detach().reshape(b, n, 3, attn.num_heads, attn.head_dim)
+        q = attn.q_norm(qkv[:, 0, 0]) * attn.scale  # (B, H, d): the CLS query alone
+        k = attn.k_norm(qkv[:, :, 1])  # (B, N, H, d), a strided view, no copy
+        scores = torch.einsum("bhd,bnhd->bhn", q, k)
+        self._capture[index] = scores.float().softmax(dim=-1)[:, :, 1:].mean(dim=1)

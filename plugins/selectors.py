@@ -21,7 +21,7 @@ def global_class_attention(class_attention: dict[int, Tensor], blocks: list[int]
     """Eq. 8: g = beta * g + (1 - beta) * a_l over ``blocks`` in order, from g = 0. (B, N1)."""
     g = torch.zeros_like(class_attention[blocks[0]])
     for block in blocks:
-        g = beta * g + (1 - beta) * class_attention[block]
+        g = torch.lerp(g, class_attention[block], 1 - beta)
     return g
 
 

@@ -84,10 +84,10 @@ def test_counts_every_product_once_including_fused_attention_and_class_attention
     # stage 1: 50-token encoder + the CLS attention row (1 x 50 per head) of blocks 3.. for GCA
     rows = (DEPTH - 3) * (1 + N1) * D
     assert report.stage1 == pytest.approx(giga(patch_macs(N1) + encoder_macs(1 + N1) + rows), rel=1e-12)
-    # stage 2: the 4K selected patches embedded, the fusion MLP over the 49 stage-1 tokens, L-token encoder
+    # stage 2: the 4K selected patches embedded, the fusion MLP over the K kept stage-1 tokens, L-token encoder
     k, length = 22, 116
     assert pipe.stage2_length == length
-    fusion = N1 * 2 * D * 4 * D
+    fusion = k * 2 * D * 4 * D
     assert report.stage2 == pytest.approx(giga(patch_macs(4 * k) + fusion + encoder_macs(length)), rel=1e-12)
 
 
