@@ -191,26 +191,28 @@ def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> LoadReport:
 # -- dynvit pipeline checkpoints --------------------------------------------------
 
 
-def _pipeline_file(path: Path) -> Path:
+def _pipeline_file(path: Path, name: str = PIPELINE_WEIGHTS_NAME) -> Path:
     if path.is_dir():
-        candidate = path / PIPELINE_WEIGHTS_NAME
+        candidate = path / name
         if not candidate.is_file():
             raise CheckpointError(
-                f"{path} is a folder without {PIPELINE_WEIGHTS_NAME}; "
-                "give a training checkpoint folder, a .safetensors file or a .pth file"
+                f"{path} is a folder without {name}; "
+                "give a training run or checkpoint folder, a .safetensors file or a .pth file"
             )
         return candidate
     return path
 
 
-def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True) -> LoadReport:
-    """Load a dynvit pipeline checkpoint (``.safetensors``, ``.pth``, or a training checkpoint folder).
+def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True, ema: bool = False) -> LoadReport:
+    """Load a dynvit pipeline checkpoint (``.safetensors``, ``.pth``, or a training checkpoint folder;
+    ``ema=True`` takes a folder's EMA weights). For a training run's output folder use
+    :func:`dynvit.training.load_checkpoint_weights`, which finds its best or last checkpoint.
 
     Strict by default: any missing, unexpected or reshaped key raises an
     error that lists them. With ``strict=False`` what fits is loaded and the
     rest is reported.
     """
-    file = _pipeline_file(Path(path))
+    file = _pipeline_file(Path(path), "model_ema.safetensors" if ema else PIPELINE_WEIGHTS_NAME)
     state = state_dict_from(read_checkpoint(file), file)
     own = pipe.state_dict()
     report = _compare(state, own)

@@ -303,12 +303,12 @@ def evaluate_pipeline(
 
 
 def _build(recipe: DictConfig, checkpoint: str | None, device: torch.device) -> DynamicPipeline:
-    from dynvit.weights import load_pipeline_weights
+    from dynvit.training.checkpoint import load_checkpoint_weights
 
     torch.manual_seed(int(recipe.train.seed))  # a model without a checkpoint is the same on every run
     pipe = build_pipeline(recipe, with_loss=False)
     if checkpoint is not None:
-        load_pipeline_weights(pipe, checkpoint)
+        load_checkpoint_weights(pipe, checkpoint)
     return pipe.to(device).eval()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
@@ -123,23 +123,16 @@ def load_checkpoint_weights(pipe: nn.Module, path: str | Path, ema: bool = False
     """Load a checkpoint's weights into ``pipe``.
 
     ``path`` is a checkpoint folder, a run's output folder (``best`` if it
-    exists, else ``last``) or a ``.safetensors`` file; ``ema=True`` loads the
-    EMA weights of a folder.
+    exists, else ``last``) or a weights file; ``ema=True`` loads the EMA
+    weights of a folder. Reading is :func:`dynvit.weights.load_pipeline_weights`.
     """
+    from dynvit.weights import load_pipeline_weights
+
     path = Path(path)
-    name = EMA_WEIGHTS_NAME if ema else WEIGHTS_NAME
-    if path.is_file():
-        file = path
-    else:
-        folder = path
-        if (path / "checkpoints").is_dir():
-            best = checkpoints_dir(path) / "best"
-            folder = best if (best / name).is_file() else resolve_checkpoint(path)
-        file = folder / name
-        if not file.is_file():
-            hint = " (the run was trained without train.ema)" if ema else ""
-            raise CheckpointNotFound(f"{file} does not exist{hint}; give a checkpoint folder or a .safetensors file")
-    pipe.load_state_dict(load_file(str(file)), strict=strict)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        best = checkpoints_dir(path) / "best"
+        path = best if (best / WEIGHTS_NAME).is_file() else resolve_checkpoint(path)
+    load_pipeline_weights(pipe, path, strict=strict, ema=ema)
     return pipe
 
 
