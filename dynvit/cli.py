@@ -11,6 +11,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dynvit.recipe import RecipeError
+from dynvit.registry import PluginError
+
 # subcommand -> module in dynvit.commands
 COMMANDS: dict[str, str] = {
     "plugins": "plugins",
@@ -21,7 +24,6 @@ COMMANDS: dict[str, str] = {
     "import-lfvit": "import_lfvit",
     "data": "data",
     "quickstart": "quickstart",
-    "bench": "bench",
 }
 
 
@@ -52,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (RecipeError, PluginError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dynvit.commands import add_recipe_arguments
 from dynvit.recipe import RecipeError, load_recipe
 
 HELP = "evaluate a checkpoint: per-stage accuracy, accuracy/FLOPs curve, calibrated exits, pictures, throughput"
@@ -14,8 +15,7 @@ BANNER = "!" * 78
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file, or the name of a bundled recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides (eval.batch_size=256)")
+    add_recipe_arguments(parser, "eval.batch_size=256")
     parser.add_argument("--checkpoint", help="pipeline weights (.safetensors/.pth) or a training checkpoint folder")
     parser.add_argument("--out", type=Path, help="output folder (default: the recipe's eval.output_dir)")
     parser.add_argument("--baseline", metavar="RECIPE", help="a plain model evaluated on the same images (deit_s)")
@@ -38,11 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dynvit.evaluation import evaluate, format_table
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.overrides)
     if (args.baseline_checkpoint or args.baseline_override) and not args.baseline:
         print("error: --baseline-checkpoint and --baseline-override need --baseline RECIPE", file=sys.stderr)
         return 2

@@ -7,16 +7,16 @@ import sys
 
 import torch
 
+from dynvit.commands import add_recipe_arguments
 from dynvit.flops import CONVENTION, count_flops
 from dynvit.pipeline import build_pipeline
-from dynvit.recipe import RecipeError, load_recipe
+from dynvit.recipe import load_recipe
 
 HELP = "count the GFLOPs (fvcore convention) of stage 1, stage 2 and the expected cost at given exit fractions"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file, or the name of a bundled recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
+    add_recipe_arguments(parser)
     parser.add_argument(
         "--exit-fractions",
         nargs="+",
@@ -29,11 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.overrides)
     bad = [f for f in args.exit_fractions if not 0.0 <= f <= 1.0]
     if bad:
         print(f"error: exit fractions must be in [0, 1], got {bad}", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dynvit.pipeline import build_pipeline
-from dynvit.recipe import RecipeError, load_recipe
+from dynvit.recipe import load_recipe
 from dynvit.weights import CheckpointError, import_lfvit, load_pipeline_weights
 
 HELP = "convert the authors' LF-ViT checkpoint (.pth) into a dynvit checkpoint (.safetensors) and check it loads"
@@ -27,11 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         summary = import_lfvit(args.source, args.output)
     except CheckpointError as exc:

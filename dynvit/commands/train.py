@@ -6,14 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from dynvit.commands import add_recipe_arguments
+
 HELP = "train a recipe (one process, or data-parallel under accelerate launch / torchrun)"
 
 DEFAULT_OUTPUT_DIR = "runs/default"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file, or the name of a bundled recipe (e.g. quickstart)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.epochs=1")
+    add_recipe_arguments(parser, "train.epochs=1")
     parser.add_argument(
         "--resume",
         metavar="PATH|auto",
