@@ -1,0 +1,47 @@
+"""A shortened ``dynvit quickstart``: data, both trainings, both evaluations, the summary."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from dynvit.cli import main
+
+TINY = [
+    "model.backbone.depth=2",
+    "model.backbone.embed_dim=32",
+    "model.backbone.num_heads=2",
+    "model.selector.first_block=1",
+]
+SMALL_DATA = ["data.train_limit=64", "data.val_limit=32", "data.num_workers=0"]
+
+
+def test_shortened_quickstart_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "qs"
+    code = main(
+        ["quickstart", "--out", str(out), "--max-steps", "2", "--limit", "48", "--device", "cpu", *TINY, *SMALL_DATA]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dynvit quickstart: LF-ViT vs its full-resolution baseline" in printed
+    assert "LF-ViT at calibrated eta=" in printed and "of the baseline's" in printed
+
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["data"]["split"] == "test" and metrics["data"]["count"] == 48
+    stage1, stage2 = metrics["stages"]
+    baseline = metrics["baseline"]
+    # stage 1 is cheaper than the focused stage, which is cheaper than the full-resolution baseline
+    assert stage1["gflops"] < stage2["gflops"] < baseline["gflops"]
+    calibration = metrics["calibration"]
+    assert calibration["mode"] == "target"
+    assert calibration["target_acc"] == baseline["top1"]
+    held = calibration["heldout"]
+    assert calibration["calibration"]["count"] + held["count"] == 48
+    assert stage1["gflops"] - 1e-9 <= held["gflops"] <= stage2["gflops"] + 1e-9
+    for name in ("curve.png", "regions.png"):
+        with Image.open(out / "eval" / name) as image:
+            assert image.width > 100 and image.height > 100
+    # both runs left resumable checkpoints
+    for run in ("lfvit", "baseline"):
+        assert (out / run / "checkpoints" / "last" / "model.safetensors").is_file()
