@@ -191,26 +191,8 @@ class DynamicPipeline(nn.Module):
         """Tokens stage 2 processes, CLS included (fixed for a recipe)."""
         if self.num_stages == 1:
             return 1 + self.grid2[0] * self.grid2[1]
-        probe = Stage1Output(
-            logits=torch.zeros(1, self.backbone.num_classes),
-            tokens=torch.zeros(1, 1 + self.grid1[0] * self.grid1[1], self.backbone.embed_dim),
-            class_attention={b: torch.rand(1, self.grid1[0] * self.grid1[1]) for b in self._attention_blocks},
-            embeddings=torch.zeros(1, self.grid1[0] * self.grid1[1], self.backbone.embed_dim),
-            grid=self.grid1,
-        )
-        device = next(self.parameters()).device
-        probe = Stage1Output(**{k: _to(v, device) for k, v in probe.__dict__.items()})
-        selection = self.select(probe)
-        reused = selection.reuse_index.shape[1] if self.reuser is not None else 0
-        return 1 + selection.full_index.shape[1] + reused
-
-
-def _to(value: object, device: torch.device) -> object:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return value
+        computed, reused = self.selector.num_tokens(self.grid1, self.grid2, self.backbone.depth)
+        return 1 + computed + (reused if self.reuser is not None else 0)
 
 
 def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipeline:

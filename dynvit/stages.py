@@ -148,6 +148,24 @@ class RegionSelector(nn.Module, ABC):
         """Blocks whose CLS attention stage 1 must return (none by default)."""
         return []
 
+    def num_tokens(self, grid1: Grid, grid2: Grid, depth: int) -> tuple[int, int]:
+        """(M, R): full-resolution tokens computed and stage-1 tokens reused per image.
+
+        The default runs the selector once on a dummy stage-1 output;
+        selectors that know their counts say so without running.
+        """
+        n1 = grid1[0] * grid1[1]
+        device = next((t.device for t in self.buffers()), None)
+        probe = Stage1Output(
+            logits=torch.zeros(1, 1, device=device),
+            tokens=torch.zeros(1, 1 + n1, 1, device=device),
+            class_attention={b: torch.rand(1, n1, device=device) for b in self.attention_blocks(depth)},
+            embeddings=torch.zeros(1, n1, 1, device=device),
+            grid=grid1,
+        )
+        selection = self(probe, grid2)
+        return selection.full_index.shape[1], selection.reuse_index.shape[1]
+
     @abstractmethod
     def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection: ...
 

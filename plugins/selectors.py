@@ -63,6 +63,9 @@ def complement(kept: Tensor, total: int) -> Tensor:
 class FullImageSelector(RegionSelector):
     """No region identification: stage 2 sees every full-resolution token (Fig. 5)."""
 
+    def num_tokens(self, grid1: Grid, grid2: Grid, depth: int) -> tuple[int, int]:
+        return grid2[0] * grid2[1], 0
+
     def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
         return Selection.whole_image(stage1.logits.shape[0], stage1.grid, grid2, stage1.logits.device)
 
@@ -83,6 +86,11 @@ class GCASelector(RegionSelector):
         self.beta = beta
         self.first_block = first_block
         self.num_kept = math.ceil(round(alpha * region * region, 6))
+
+    def num_tokens(self, grid1: Grid, grid2: Grid, depth: int) -> tuple[int, int]:
+        self.check_grid(grid1)
+        scale = grid2[0] // grid1[0]
+        return self.num_kept * scale * scale, grid1[0] * grid1[1] - self.num_kept
 
     def attention_blocks(self, depth: int) -> list[int]:
         if not 0 <= self.first_block < depth:

@@ -85,7 +85,9 @@ def test_fusion_is_ln_mlp_then_nearest_upsample_added():
     full = torch.randn(2, 16, 8)  # the 4x4 full-resolution grid
     parent = torch.tensor([(r // 2) * 2 + c // 2 for r in range(4) for c in range(4)]).expand(2, 16)
     out = fuser(full, stage1, parent)
-    features = fuser.block[1].fc2(F.gelu(fuser.block[1].fc1(F.layer_norm(stage1, (8,), fuser.block[0].weight, fuser.block[0].bias, 1e-6))))
+    features = fuser.block[1].fc2(
+        F.gelu(fuser.block[1].fc1(F.layer_norm(stage1, (8,), fuser.block[0].weight, fuser.block[0].bias, 1e-6)))
+    )
     grid = features.transpose(1, 2).reshape(2, 8, 2, 2)
     upsampled = F.interpolate(grid, scale_factor=2, mode="nearest").flatten(2).transpose(1, 2)
     torch.testing.assert_close(out, full + upsampled)

@@ -84,6 +84,8 @@ def test_dotted_path_plugin_used_from_a_recipe(user_package):
     pipe = build_pipeline(recipe).eval()
     out = pipe(torch.randn(2, 3, 64, 64))
     assert out.selection.region.tolist() == [[0, 0, 2, 2]] * 2
+    # the contract's default token count (a dummy run) agrees with what stage 2 received
+    assert pipe.stage2_length == 1 + out.selection.full_index.shape[1] + out.selection.reuse_index.shape[1] == 29
 
 
 def test_dotted_path_errors_are_clear(user_package):

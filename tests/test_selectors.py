@@ -55,7 +55,9 @@ def test_gca_is_the_moving_average_of_eq8():
 def test_window_sums_are_box_filter_sums():
     gca = torch.arange(16.0).reshape(1, 4, 4)
     sums = window_sums(gca.reshape(1, 16), (4, 4), 3)
-    expected = torch.tensor([[sum(gca[0, r : r + 3, c : c + 3].flatten().tolist()) for c in range(2)] for r in range(2)])
+    expected = torch.tensor(
+        [[sum(gca[0, r : r + 3, c : c + 3].flatten().tolist()) for c in range(2)] for r in range(2)]
+    )
     torch.testing.assert_close(sums[0], expected)
 
 
@@ -184,7 +186,9 @@ def test_topk_gca_takes_the_global_top_tokens_without_a_window():
     assert sel.region.tolist() == [[0, 0, 7, 7]]  # the bounding box of the kept tokens
 
 
-@pytest.mark.parametrize("selector", [NGCASelector, NegativeNGCASelector, MaxGCASelector, MinGCASelector, TopKGCASelector])
+@pytest.mark.parametrize(
+    "selector", [NGCASelector, NegativeNGCASelector, MaxGCASelector, MinGCASelector, TopKGCASelector]
+)
 def test_selectors_are_batch_independent(selector):
     gca = torch.rand(5, 9, 9, generator=torch.Generator().manual_seed(3))
     sel = select(selector(region=4), gca)
@@ -192,3 +196,13 @@ def test_selectors_are_batch_independent(selector):
         alone = select(selector(region=4), gca[i : i + 1])
         assert torch.equal(alone.full_index[0], sel.full_index[i])
         assert torch.equal(alone.reuse_index[0], sel.reuse_index[i])
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [NGCASelector(region=3), RandomSelector(region=4, alpha=0.5), TopKGCASelector(region=2), MaxGCASelector(region=5)],
+)
+def test_declared_token_counts_match_the_selection(selector):
+    gca = torch.rand(2, 7, 7, generator=torch.Generator().manual_seed(4))
+    sel = select(selector, gca)
+    assert selector.num_tokens((7, 7), (14, 14), depth=6) == (sel.full_index.shape[1], sel.reuse_index.shape[1])
