@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dynvit.plugins.downsamplers import AvgPoolDownsampler, InterpolateDownsampler
 from dynvit.plugins.exit_policies import ConfidenceExit, EntropyExit, NeverExit
 from dynvit.plugins.fusers import MLPUpsampleFuser
 from dynvit.plugins.losses import CEPlusCE, CEPlusKL, LastStageCE
 from dynvit.plugins.reusers import NoReuser, Stage1EmbeddingReuser
+
 from dynvit.stages import Stage1Output
 
 

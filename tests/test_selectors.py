@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-
-from dynvit.pipeline import parent_index
 from dynvit.plugins.selectors import (
     MaxGCASelector,
     MinGCASelector,
@@ -20,6 +18,8 @@ from dynvit.plugins.selectors import (
     global_class_attention,
     window_sums,
 )
+
+from dynvit.pipeline import parent_index
 from dynvit.stages import Stage1Output
 
 
