@@ -37,7 +37,7 @@ def test_eval_loader_keeps_order_and_the_last_batch(disk_data, tmp_path):
 
 
 def test_eval_transform_is_resize_to_size_over_crop_pct_then_centre_crop(disk_data, tmp_path):
-    recipe = tiny_recipe(disk_data, tmp_path)
+    recipe = tiny_recipe(disk_data, tmp_path, "data.crop_pct=0.875")
     image = datasets.load_from_disk(str(disk_data))["validation"][0]["image"]  # 40 x 40
     expected = transforms.Compose(
         [
