@@ -215,7 +215,7 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
     reuser = build("token_reuser", model.reuser, embed_dim=backbone.embed_dim) if two else None
     exit_policy = build("exit_policy", model.exit) if two else None
     loss = build("loss", recipe.loss) if with_loss else None
-    # plugins that are no-ops say so by building to None-like Identity markers
+    # a no-op fuser or reuser (is_noop) is left out, so stage 2 skips its gathers entirely
     fuser = None if getattr(fuser, "is_noop", False) else fuser
     reuser = None if getattr(reuser, "is_noop", False) else reuser
     return DynamicPipeline(backbone, downsampler, selector, fuser, reuser, exit_policy, loss, image_size)
