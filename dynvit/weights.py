@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 StateDict = dict[str, Tensor]
 
+# where a dynvit pipeline keeps the timm model's tensors (``pipe.backbone.model``)
+PIPELINE_BACKBONE_PREFIX = "backbone.model."
 # the file a training checkpoint folder keeps the pipeline's weights in (Accelerate's name)
 PIPELINE_WEIGHTS_NAME = "model.safetensors"
 
@@ -147,16 +149,25 @@ def _log_report(report: LoadReport, source: PathLike) -> None:
 
 
 def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> LoadReport:
-    """Initialise a ``timm_vit`` backbone from a local timm/DeiT checkpoint.
+    """Initialise a ``timm_vit`` backbone from a local timm/DeiT checkpoint, or from the backbone
+    of a dynvit pipeline (a training run or checkpoint folder, or its weights file).
 
-    The checkpoint's position table is resampled to the model's
-    full-resolution grid (timm's own checkpoint filter), a head with another
-    class count is left out, and the smaller stage tables are then
-    resampled from the loaded full-resolution table. Missing and unexpected
-    keys are logged and returned.
+    The second is how the quickstart LF-ViT starts from its trained
+    full-resolution baseline. The checkpoint's position table
+    is resampled to the model's full-resolution grid (timm's own checkpoint
+    filter), a head with another class count is left out, and the smaller
+    stage tables are then resampled from the loaded full-resolution table.
+    Missing and unexpected keys are logged and returned.
     """
+    from dynvit.training.checkpoint import run_checkpoint
+
     model = backbone.model
+    path = _pipeline_file(run_checkpoint(path))
     state = state_dict_from(read_checkpoint(path), path)
+    if any(k.startswith(PIPELINE_BACKBONE_PREFIX) for k in state):
+        state = {
+            k[len(PIPELINE_BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(PIPELINE_BACKBONE_PREFIX)
+        }
     before = {k: state[k].shape for k in ("pos_embed", "patch_embed.proj.weight") if k in state}
     state = checkpoint_filter_fn(state, model)
     report = LoadReport()

@@ -102,6 +102,10 @@ def test_boxes_inside_and_small(image_size):
         area = (x1 - x0) * (y1 - y0) / image_size**2
         assert (area <= MAX_BOX_AREA_FRACTION).all()
         assert (area <= (24 / 64) ** 2 + 1e-9).all()  # the intended size (at most 24 px at 64), under the hard cap
+        # the digit's corner sits on the lattice of full-resolution patches (8 px at 64), at varied places
+        lattice = image_size // 8
+        assert (x0 % lattice == 0).all() and (y0 % lattice == 0).all()
+        assert len(set(x0.tolist())) >= 4 and len(set(y0.tolist())) >= 4
         assert split[0]["image"].size == (image_size, image_size)
 
 
@@ -122,6 +126,16 @@ def test_digit_is_drawn_inside_its_box_and_nowhere_else(small):
             assert (diff[inside] > 40).mean() > 0.02
             strong.append((diff[inside] > 60).mean())
         assert np.median(strong) > 0.1
+
+
+def test_digit_is_lighter_than_what_it_covers(small):
+    # fixed polarity: wherever the target digit changes a pixel noticeably, it makes it lighter
+    blank = quickstart._build(0, 64, draw_target=False, **SMALL)
+    for split in small:
+        with_digit, without = pixels(small[split]).mean(axis=-1), pixels(blank[split]).mean(axis=-1)
+        changed = np.abs(with_digit - without) > 20
+        assert changed.any()
+        assert (with_digit[changed] > without[changed]).mean() > 0.95  # a bright clutter stroke beneath may be darkened
 
 
 def test_digit_stands_out_from_local_background(small):

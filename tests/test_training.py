@@ -107,6 +107,7 @@ def tiny_overrides(data_path: Path, output_dir: Path, *overrides: str, source: s
         "train.batch_size=8",
         "train.epochs=2",
         "train.full_image_epochs=0",
+        "train.init_backbone=null",
         f"train.output_dir={output_dir}",
         "train.seed=0",
         "eval.batch_size=16",
@@ -339,6 +340,22 @@ def test_an_image_size_the_recipe_cannot_patch(disk_data, tmp_path):
     with pytest.raises(TrainingError, match=r"model.image_size=36.*multiple of the patch size 4"):
         train(tiny_recipe(disk_data, tmp_path / "run", "model.image_size=36"))
     assert not (tmp_path / "run").exists()
+
+
+def test_init_backbone_starts_lfvit_from_a_baseline_run(disk_data, tmp_path):
+    # the quickstart's warm start: a full-resolution run's backbone becomes LF-ViT's starting point
+    limit = ["data.train_limit=8", "data.val_limit=8"]
+    baseline = train(
+        tiny_recipe(disk_data, tmp_path / "base", *limit, "model.stages=1", "loss.type=ce", "train.epochs=1")
+    )
+    frozen = ["train.lr=0", "train.warmup_lr=0", "train.min_lr=0", "train.epochs=1"]  # lr 0: the start is what is saved
+    lfvit = train(tiny_recipe(disk_data, tmp_path / "lf", *limit, *frozen, f"train.init_backbone={baseline}"))
+    start, base = weights_of(lfvit / "checkpoints" / "last"), weights_of(baseline / "checkpoints" / "best")
+    backbone = [k for k in base if k.startswith("backbone.model.")]
+    assert backbone and all(torch.equal(start[k], base[k]) for k in backbone)
+
+    with pytest.raises(TrainingError, match=r"train.init_backbone=.*does not exist.*quickstart_baseline"):
+        train(tiny_recipe(disk_data, tmp_path / "lf2", *limit, f"train.init_backbone={tmp_path / 'nowhere'}"))
 
 
 def test_a_class_count_the_head_does_not_have(disk_data, tmp_path):

@@ -396,3 +396,31 @@ def test_unsafe_or_non_tensor_checkpoints_are_refused(tmp_path):
     torch.save(wide.state_dict(), tmp_path / "wide.pth")
     with pytest.raises(CheckpointError, match="another architecture"):
         load_backbone_checkpoint(pipe.backbone, tmp_path / "wide.pth")
+
+
+@pytest.mark.parametrize("layout", ["weights_file", "run_folder"])
+def test_backbone_starts_from_a_dynvit_run(tmp_path, layout):
+    # how the quickstart LF-ViT starts from its trained full-resolution baseline (train.init_backbone)
+    torch.manual_seed(5)
+    baseline = build_pipeline(
+        load_recipe(
+            "quickstart",
+            ["model.backbone.depth=3", "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.stages=1"],
+        )
+    )
+    with torch.no_grad():
+        baseline.backbone.model.pos_embed.normal_()
+    if layout == "weights_file":
+        path = save_pipeline_weights(baseline, tmp_path / "baseline.safetensors")
+    else:
+        path = tmp_path / "run"
+        save_pipeline_weights(baseline, path / "checkpoints" / "best" / "model.safetensors")
+    pipe = quickstart_with("null", image_size=64)
+    report = load_backbone_checkpoint(pipe.backbone, path)
+    assert report.missing == report.unexpected == report.dropped == []
+    source = baseline.backbone.model.state_dict()
+    for key, value in pipe.backbone.model.state_dict().items():
+        assert torch.equal(value, source[key]), key
+    # the half-resolution table is re-derived from the loaded full-resolution one
+    expected = resample_abs_pos_embed(source["pos_embed"], new_size=[4, 4], old_size=[8, 8], num_prefix_tokens=1)
+    torch.testing.assert_close(pipe.backbone.stage_pos_embed["4x4"].data, expected)

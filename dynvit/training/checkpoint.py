@@ -128,12 +128,17 @@ def load_checkpoint_weights(pipe: nn.Module, path: str | Path, ema: bool = False
     """
     from dynvit.weights import load_pipeline_weights
 
+    load_pipeline_weights(pipe, run_checkpoint(path), strict=strict, ema=ema)
+    return pipe
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or for a run's output folder its ``best`` checkpoint (else ``last``)."""
     path = Path(path)
     if path.is_dir() and (path / "checkpoints").is_dir():
         best = checkpoints_dir(path) / "best"
-        path = best if (best / WEIGHTS_NAME).is_file() else resolve_checkpoint(path)
-    load_pipeline_weights(pipe, path, strict=strict, ema=ema)
-    return pipe
+        return best if (best / WEIGHTS_NAME).is_file() else resolve_checkpoint(path)
+    return path
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -47,6 +47,9 @@ class TrainConfig:
     full_image_epochs: int = 0  # LF-ViT: stage 2 sees the whole image for the first N epochs (230 of 350)
     batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum_steps
     grad_accum_steps: int = 1
+    # backbone weights to start from: a timm/DeiT checkpoint, or a dynvit run / checkpoint folder whose
+    # backbone is taken (how the quickstart LF-ViT starts from its trained baseline); not read on resume
+    init_backbone: str | None = None
     # -- optimiser and schedule (timm.optim / timm.scheduler) ---------------------
     opt: str = "adamw"
     lr: float = 5e-4  # at a global batch of lr_base_batch; scaled linearly to the actual global batch

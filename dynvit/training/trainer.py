@@ -84,6 +84,22 @@ def build_model(recipe: DictConfig) -> DynamicPipeline:
         raise
 
 
+def init_backbone(pipe: DynamicPipeline, path: str) -> None:
+    """Start from trained backbone weights (``train.init_backbone``)."""
+    from dynvit.weights import CheckpointError, load_backbone_checkpoint
+
+    if not Path(path).exists():
+        raise TrainingError(
+            f"train.init_backbone={path} does not exist; train the run that writes it first "
+            "(the quickstart LF-ViT starts from `dynvit train quickstart_baseline`), "
+            "or set train.init_backbone=null to start from random weights"
+        )
+    try:
+        load_backbone_checkpoint(pipe.backbone, path)
+    except (CheckpointError, CheckpointNotFound) as exc:
+        raise TrainingError(f"train.init_backbone={path}: {exc}") from None
+
+
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Parameters DeiT keeps out of weight decay: what each module's ``no_weight_decay()`` names,
     plus the per-stage position tables."""
@@ -292,6 +308,8 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     # -- model; DDP is told about parameters a step can leave unused
     set_seed(cfg.seed)
     pipe = build_model(recipe)
+    if cfg.init_backbone and resume_from is None:
+        init_backbone(pipe, cfg.init_backbone)
     if accelerator.num_processes > 1 and pipe.num_stages == 2:
         phases = sorted({True, False} if 0 < cfg.full_image_epochs < cfg.epochs else {cfg.full_image_epochs > 0})
         unused = unused_parameters(pipe, phases)
