@@ -51,7 +51,7 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
     "lfvit-m5": ("lfvit_deit_s", ["model.selector.region=5"]),
     "lfvit-m6": ("lfvit_deit_s", ["model.selector.region=6"]),
     "lfvit-star": ("lfvit_star_deit_s", []),
-    # the quickstart LF-ViT (64 px, patch 8, width 96): a smoke run of every table
+    # the quickstart LF-ViT (64 px, patch 8, width 64): a smoke run of every table
     "tiny-m2": ("quickstart", ["model.selector.region=2", "model.selector.alpha=0.75"]),
     "tiny-m3": ("quickstart", ["model.selector.region=3", "model.selector.alpha=0.88"]),
 }
