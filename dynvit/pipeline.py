@@ -9,14 +9,17 @@ samples that did not exit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from dynvit.registry import registry
+from dynvit.recipe import RecipeError
+from dynvit.registry import PluginError, registry
 from dynvit.stages import (
     Backbone,
     Downsampler,
@@ -84,11 +87,21 @@ class DynamicPipeline(nn.Module):
         self.exit_policy = exit_policy
         self.loss = loss
         self.image_size = image_size
-        self.grid2 = backbone.grid_size(image_size)
         self.num_stages = 1 if downsampler is None else 2
+        with _naming("model.image_size"):
+            self.grid2 = backbone.grid_size(image_size)
         if self.num_stages == 2:
-            self.grid1 = backbone.grid_size(downsampler.output_size(image_size))
-            self._attention_blocks = selector.attention_blocks(backbone.depth)
+            low = downsampler.output_size(image_size)
+            with _naming(f"model.downsampler (a {low} px stage-1 image from model.image_size={image_size})"):
+                self.grid1 = backbone.grid_size(low)
+                if self.grid2[0] % self.grid1[0] or self.grid2[1] % self.grid1[1]:
+                    raise ValueError(
+                        f"the full-resolution grid {self.grid2} is not an integer multiple of the stage-1 grid "
+                        f"{self.grid1}; use a downsampling scale of 1/2, 1/3, ..."
+                    )
+            with _naming("model.selector"):
+                self._attention_blocks = selector.attention_blocks(backbone.depth)
+                self.stage2_length  # noqa: B018 - the selector checks its region against the stage-1 grid
         # while True, stage 2 sees the whole image (the first LF-ViT training phase)
         self.whole_image_stage2 = False
 
@@ -195,13 +208,42 @@ class DynamicPipeline(nn.Module):
         return 1 + computed + (reused if self.reuser is not None else 0)
 
 
+@contextlib.contextmanager
+def _naming(key: str) -> Iterator[None]:
+    """Prefix a plugin's ``ValueError`` with the recipe key it comes from."""
+    try:
+        yield
+    except (RecipeError, PluginError):
+        raise
+    except ValueError as exc:
+        raise RecipeError(f"{key}: {exc}") from None
+
+
 def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipeline:
-    """Instantiate every stage a recipe names and compose them."""
+    """Instantiate every stage a recipe names and compose them.
+
+    A stage's constructor or the geometry refusing a value raises
+    :class:`~dynvit.recipe.RecipeError` naming the recipe key.
+    """
     model = recipe.model
     image_size = int(model.image_size)
+    sections = {
+        "backbone": "model.backbone",
+        "downsampler": "model.downsampler",
+        "region_selector": "model.selector",
+        "fuser": "model.fuser",
+        "token_reuser": "model.reuser",
+        "exit_policy": "model.exit",
+        "loss": "loss",
+    }
 
     def build(kind: str, section: DictConfig, **context: object) -> nn.Module:
-        return registry(kind).build(OmegaConf.to_container(section, resolve=True), **context)
+        config = OmegaConf.to_container(section, resolve=True)
+        with _naming(f"{sections[kind]} ({config.get('type')})"):
+            try:
+                return registry(kind).build(config, **context)
+            except TypeError as exc:  # a constructor refusing an argument's type
+                raise ValueError(str(exc)) from None
 
     downsampler = None
     stage_sizes: Sequence[int] = (image_size,)
@@ -219,3 +261,19 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
     fuser = None if getattr(fuser, "is_noop", False) else fuser
     reuser = None if getattr(reuser, "is_noop", False) else reuser
     return DynamicPipeline(backbone, downsampler, selector, fuser, reuser, exit_policy, loss, image_size)
+
+
+def check_buildable(recipe: DictConfig, source: str = "recipe") -> None:
+    """Build the recipe's pipeline on the meta device (no memory, no weights read) to find what it refuses.
+
+    This is how ``load_recipe`` refuses a region larger than the stage-1
+    grid or a ``first_block`` beyond the depth before any work starts.
+    """
+    recipe = copy.deepcopy(recipe)
+    if recipe.model.backbone.get("checkpoint") is not None:
+        recipe.model.backbone.checkpoint = None  # read when the real pipeline is built
+    try:
+        with torch.device("meta"):
+            build_pipeline(recipe, with_loss=True)
+    except (RecipeError, PluginError) as exc:
+        raise RecipeError(f"{source}: {exc}") from None

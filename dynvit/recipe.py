@@ -13,7 +13,7 @@ import functools
 import importlib.resources
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +40,31 @@ CONTEXT_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "fuser": ("embed_dim",),
     "token_reuser": ("embed_dim",),
 }
+
+
+# key -> (is the value valid?, what it must be); checked when a recipe loads (None always passes)
+ValueCheck = tuple[Callable[[Any], bool], str]
+
+
+def at_least(low: float) -> ValueCheck:
+    return (lambda v: v >= low, f">= {low}")
+
+
+def positive() -> ValueCheck:
+    return (lambda v: v > 0, "> 0")
+
+
+def fraction(open_low: bool = False, open_high: bool = False) -> ValueCheck:
+    low, high = "(" if open_low else "[", ")" if open_high else "]"
+
+    def valid(v: float) -> bool:
+        return (v > 0 if open_low else v >= 0) and (v < 1 if open_high else v <= 1)
+
+    return (valid, f"in {low}0, 1{high}")
+
+
+def one_of(*options: str) -> ValueCheck:
+    return (lambda v: v in options, f"one of {', '.join(options)}")
 
 
 class RecipeError(ValueError):
@@ -132,6 +157,11 @@ def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, Di
         raise RecipeError(f"{path}: cannot parse YAML: {exc}") from exc
     if not isinstance(layer, DictConfig):
         raise RecipeError(f"{path}: a recipe must be a mapping at the top level")
+    if len(layer) == 0:
+        raise RecipeError(
+            f"{path}: the recipe is empty; start from a bundled recipe with 'base: NAME' "
+            "(lfvit_deit_s, deit_s, quickstart, ...; `dynvit show NAME` prints one) and set what differs"
+        )
     layers: list[tuple[str, DictConfig]] = []
     base = layer.pop("base", None)
     if base is not None:
@@ -266,12 +296,16 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_model: bool = True) -> DictConfig:
     """Load, extend, override and validate a recipe.
 
     ``path`` is a YAML file or the name of a bundled recipe
     (``"lfvit_deit_s"``). ``overrides`` are OmegaConf dotlist strings.
-    Raises :class:`RecipeError` naming the file and key on any problem.
+    Raises :class:`RecipeError` naming the file and key on any problem,
+    including geometry that only the built model knows (a region larger
+    than the stage-1 grid, ``first_block`` beyond the depth): with
+    ``check_model`` the pipeline is built once on the meta device (no
+    memory, no weights read) to find out.
     """
     file = resolve_recipe_path(path)
     layers = _read_layers(file)
@@ -302,8 +336,27 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         _validate_plugin_section(merged, dotted, kind, section_source[dotted])
     if merged.model.stages not in (1, 2):
         raise RecipeError(f"{file}: model.stages must be 1 or 2, got {merged.model.stages}")
+    _check_values(merged, file)
     merged.base = None
+    if check_model:
+        from dynvit.pipeline import check_buildable
+
+        check_buildable(merged, source=str(file))
     return merged
+
+
+def _check_values(recipe: DictConfig, source: Path) -> None:
+    """Every value with a range (``train.epochs >= 1``...) in range, so nothing fails deep inside a run."""
+    from dynvit.evaluation.config import EVAL_CHECKS
+    from dynvit.training.config import DATA_CHECKS, TRAIN_CHECKS
+
+    checks = {"model.image_size": (lambda v: v >= 1, "a positive number of pixels")}
+    for section, table in (("data", DATA_CHECKS), ("train", TRAIN_CHECKS), ("eval", EVAL_CHECKS)):
+        checks |= {f"{section}.{key}": check for key, check in table.items()}
+    for key, (valid, expected) in checks.items():
+        value = OmegaConf.select(recipe, key)
+        if value is not None and not valid(value):
+            raise RecipeError(f"{source}: {key}={value!r} is out of range; it must be {expected}")
 
 
 def recipe_to_yaml(recipe: DictConfig) -> str:

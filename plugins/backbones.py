@@ -83,6 +83,11 @@ class TimmViT(Backbone):
         self.native_grid: Grid = tuple(model.patch_embed.grid_size)
         self.stage_pos_embed = nn.ParameterDict()
         for size in stage_image_sizes:
+            if size % self.patch_size:
+                raise ValueError(
+                    f"the stages see {', '.join(f'{s} px' for s in stage_image_sizes)} images of "
+                    f"model.image_size={image_size}; each must be a multiple of the patch size {self.patch_size}"
+                )
             grid = self.grid_size(size)
             if grid != self.native_grid:
                 self.stage_pos_embed[_grid_key(grid)] = nn.Parameter(self._resample_native(grid))

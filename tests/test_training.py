@@ -27,6 +27,7 @@ from dynvit import build_pipeline, load_recipe
 from dynvit.cli import main
 from dynvit.data.loading import DataError
 from dynvit.pipeline import DynamicPipeline
+from dynvit.recipe import RecipeError
 from dynvit.training import checkpoint as ckpt
 from dynvit.training import load_checkpoint_weights, train
 from dynvit.training.trainer import TrainingError
@@ -337,7 +338,7 @@ def test_nan_loss_stops_before_the_update_with_the_last_checkpoint_intact(disk_d
 
 def test_an_image_size_the_recipe_cannot_patch(disk_data, tmp_path):
     # 36 px cuts into 4 px patches, but the 18 px stage-1 image does not
-    with pytest.raises(TrainingError, match=r"model.image_size=36.*multiple of the patch size 4"):
+    with pytest.raises(RecipeError, match=r"18 px.*model.image_size=36.*multiple of the patch size 4"):
         train(tiny_recipe(disk_data, tmp_path / "run", "model.image_size=36"))
     assert not (tmp_path / "run").exists()
 

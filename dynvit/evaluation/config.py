@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynvit.recipe import ValueCheck, at_least, fraction, positive
+
 
 @dataclass
 class EvalConfig:
@@ -31,3 +33,16 @@ class EvalConfig:
     amp: bool = False  # autocast while timing (bfloat16 on CPU and on GPUs that support it, else float16)
     # regions.png: images shown per group ("exited at stage 1", "needed stage 2"); 0: no picture
     region_images: int = 8
+
+
+EVAL_CHECKS: dict[str, ValueCheck] = {
+    "batch_size": at_least(1),
+    "eta_step": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "budget_gflops": positive(),
+    "target_acc": fraction(),
+    "calibration_fraction": fraction(open_low=True, open_high=True),
+    "throughput_batch": at_least(1),
+    "throughput_repeats": at_least(1),
+    "throughput_warmup": at_least(0),
+    "region_images": at_least(0),
+}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynvit.recipe import ValueCheck, at_least, fraction, one_of, positive
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -90,3 +92,44 @@ class TrainConfig:
     keep_step_checkpoints: bool = False  # keep each of those as checkpoints/step_N as well
     tensorboard: bool = False  # log through Accelerate's TensorBoard tracker (needs `pip install tensorboard`)
     log_every_steps: int = 50  # tracker logging interval
+
+
+DATA_CHECKS: dict[str, ValueCheck] = {
+    "source": one_of("quickstart", "imagefolder", "disk"),
+    "num_workers": at_least(0),
+    "train_limit": at_least(1),
+    "val_limit": at_least(1),
+    "crop_pct": fraction(open_low=True),
+    "mean": (lambda v: len(v) == 3, "three values (R, G, B)"),
+    "std": (lambda v: len(v) == 3 and all(x > 0 for x in v), "three positive values (R, G, B)"),
+}
+
+TRAIN_CHECKS: dict[str, ValueCheck] = {
+    "epochs": at_least(1),
+    "full_image_epochs": at_least(0),
+    "batch_size": at_least(1),
+    "grad_accum_steps": at_least(1),
+    "lr": at_least(0),
+    "lr_base_batch": at_least(1),
+    "weight_decay": at_least(0),
+    "opt_eps": positive(),
+    "clip_grad": positive(),
+    "warmup_epochs": at_least(0),
+    "warmup_lr": at_least(0),
+    "min_lr": at_least(0),
+    "cooldown_epochs": at_least(0),
+    "mixed_precision": one_of("no", "bf16", "fp16"),
+    "hflip": fraction(),
+    "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two area fractions 0 < low <= high <= 1"),
+    "reprob": fraction(),
+    "recount": at_least(1),
+    "repeated_aug": at_least(1),
+    "mixup": at_least(0),
+    "cutmix": at_least(0),
+    "mixup_prob": fraction(),
+    "mixup_switch_prob": fraction(),
+    "smoothing": fraction(open_high=True),
+    "ema_decay": fraction(open_high=True),
+    "checkpoint_every_steps": at_least(0),
+    "log_every_steps": at_least(1),
+}

@@ -72,18 +72,6 @@ class Progress:
 # -- building blocks ---------------------------------------------------------------------
 
 
-def build_model(recipe: DictConfig) -> DynamicPipeline:
-    """The pipeline, with geometry errors turned into recipe errors."""
-    try:
-        return build_pipeline(recipe, with_loss=True)
-    except ValueError as exc:
-        if "multiple of the patch size" in str(exc) or "grid" in str(exc):
-            raise TrainingError(
-                f"model.image_size={recipe.model.image_size} cannot be cut into patches by this recipe: {exc}"
-            ) from None
-        raise
-
-
 def init_backbone(pipe: DynamicPipeline, path: str) -> None:
     """Start from trained backbone weights (``train.init_backbone``)."""
     from dynvit.weights import CheckpointError, load_backbone_checkpoint
@@ -307,7 +295,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
 
     # -- model; DDP is told about parameters a step can leave unused
     set_seed(cfg.seed)
-    pipe = build_model(recipe)
+    pipe = build_pipeline(recipe, with_loss=True)
     if cfg.init_backbone and resume_from is None:
         init_backbone(pipe, cfg.init_backbone)
     if accelerator.num_processes > 1 and pipe.num_stages == 2:
