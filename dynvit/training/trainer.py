@@ -15,7 +15,6 @@ uninterrupted k + m step run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -384,7 +383,8 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
         f" = {cfg.batch_size} x {accelerator.num_processes} x {accum}, lr {lr:.3g}, {steps_per_epoch} steps/epoch"
     )
 
-    def save(target: Path) -> None:
+    def save(target: Path, probe: Tensor) -> None:
+        _check_outputs_finite(accelerator, pipe, ema, probe, progress, ckpt_dir)
         digests = gather_object([weights_digest(pipe)])
         if len(set(digests)) > 1:
             accelerator.print(f"WARNING: the processes hold different weights (SHA-256 per rank: {digests})")
@@ -426,6 +426,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
             dynamic_ncols=True,
         )
         images_seen, start = 0, time.perf_counter()
+        step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
         for images, labels in islice(batches, micro_batches - done):
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
@@ -438,18 +439,23 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
 
             with accelerator.accumulate(model):
                 loss = pipe.compute_loss(model(images), targets)
-                loss_value = _finite_loss(accelerator, loss, epoch, progress, ckpt_dir)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                step_loss = step_loss + loss.detach().float()  # stays on the device: no sync per micro-batch
+                micro_steps += 1
+                if accelerator.sync_gradients:
+                    # one fused check and one host sync per optimiser step, before the update
+                    loss_value = _checked_step(accelerator, pipe, step_loss, micro_steps, epoch, progress, ckpt_dir)
+                    if cfg.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            progress.epoch_loss_sum += loss_value
-            progress.epoch_loss_count += 1
             images_seen += images.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            progress.epoch_loss_sum += loss_value * micro_steps
+            progress.epoch_loss_count += micro_steps
+            step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
             progress.step += 1
             progress.epoch_step += 1
             scheduler.step_update(num_updates=progress.step)
@@ -464,7 +470,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
                 accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
             stop = max_steps is not None and progress.step >= max_steps
             if progress.epoch_step < steps_per_epoch and (stop or every_n_steps(progress.step)):
-                save(ckpt_dir / "last")  # at the epoch's end `last` is saved after validation instead
+                save(ckpt_dir / "last", images)  # at the epoch's end `last` is saved after validation instead
                 keep_step_checkpoint(progress.step)
             if stop:
                 break
@@ -507,7 +513,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
                 f.write(json.dumps(metrics) + "\n")
         if cfg.tensorboard:
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if k.startswith("val_")}, step=progress.step)
-        save(ckpt_dir / "last")
+        save(ckpt_dir / "last", images)
         keep_step_checkpoint(progress.step)
         if improved and accelerator.is_main_process:
             copy_checkpoint(ckpt_dir / "last", ckpt_dir / "best")
@@ -517,16 +523,98 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     return output_dir
 
 
-def _finite_loss(accelerator: Accelerator, loss: Tensor, epoch: int, progress: Progress, ckpt_dir: Path) -> float:
-    """The loss averaged over processes; every process stops together on NaN/inf, before the bad update."""
-    value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-    if not math.isfinite(value):
-        try:
-            kept = f"the last good checkpoint is {resolve_checkpoint(ckpt_dir / 'last')}"
-        except CheckpointNotFound:
-            kept = "no checkpoint was written yet"
+def _last_good(ckpt_dir: Path) -> str:
+    try:
+        return f"the last good checkpoint is {resolve_checkpoint(ckpt_dir / 'last')}"
+    except CheckpointNotFound:
+        return "no checkpoint was written yet"
+
+
+_ADVICE = "Lower train.lr, set train.clip_grad (e.g. 1.0), use bf16 instead of fp16, or check the data"
+
+
+def _checked_step(
+    accelerator: Accelerator,
+    pipe: nn.Module,
+    step_loss: Tensor,
+    micro_steps: int,
+    epoch: int,
+    progress: Progress,
+    ckpt_dir: Path,
+) -> float:
+    """The step's loss averaged over micro-batches and processes, after checking loss, gradients and weights.
+
+    Every process stops together, before the update, when any of them is not
+    finite. Under fp16 the grad scaler skips steps with overflowing gradients
+    itself, so gradients are checked only without one. One all-reduce and one
+    host sync per optimiser step; the norms are fused (``torch._foreach_norm``).
+    """
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None] if accelerator.scaler is None else []
+    loss = step_loss / micro_steps
+    health = torch.stack(
+        [
+            loss / accelerator.num_processes,
+            (~torch.isfinite(loss)).float(),
+            _not_finite(grads, loss),
+            _not_finite(params, loss),
+        ]
+    )
+    value, bad_loss, bad_grads, bad_params = accelerator.reduce(health, reduction="sum").tolist()
+    if bad_loss or bad_grads or bad_params:
+        what = (
+            f"the loss is {value}"
+            if bad_loss
+            else "the gradients are not finite"
+            if bad_grads
+            else "the weights are not finite"
+        )
         raise TrainingError(
-            f"the loss is {value} at epoch {epoch + 1}, step {progress.step + 1}; training stopped before this update "
-            f"and {kept}. Lower train.lr, set train.clip_grad (e.g. 1.0), use bf16 instead of fp16, or check the data"
+            f"{what} at epoch {epoch + 1}, step {progress.step + 1}; training stopped before this update "
+            f"and {_last_good(ckpt_dir)}. {_ADVICE}"
         )
     return value
+
+
+def _not_finite(tensors: list[Tensor], like: Tensor) -> Tensor:
+    """1.0 if any element of ``tensors`` is NaN or infinite (the max-norm propagates both), else 0.0."""
+    if not tensors:
+        return torch.zeros((), device=like.device)
+    norms = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in tensors], float("inf"))])
+    return (~torch.isfinite(norms).all()).float().to(like.device)
+
+
+@torch.no_grad()
+def _check_outputs_finite(
+    accelerator: Accelerator,
+    pipe: DynamicPipeline,
+    ema: nn.Module | None,
+    probe: Tensor,
+    progress: Progress,
+    ckpt_dir: Path,
+) -> None:
+    """Refuse to save weights that are not finite or give non-finite outputs on this batch.
+
+    Finite weights can still be poisoned (a huge learning rate drives them to
+    1e6 and every output to NaN): a checkpoint is written only after it has
+    produced finite logits for the batch it was trained on, so the one an
+    error message calls good is.
+    """
+    was_training = pipe.training
+    pipe.eval()
+    try:
+        with accelerator.autocast():
+            logits = pipe(probe).logits
+    finally:
+        pipe.train(was_training)
+    weights = [p for p in pipe.parameters()] + ([p for p in ema.module.parameters()] if ema is not None else [])
+    bad_outputs = sum((~torch.isfinite(x.float())).any(dim=-1) for x in logits).bool().sum().float()
+    health = torch.stack([bad_outputs, _not_finite(weights, bad_outputs)])
+    bad_outputs, bad_weights = accelerator.reduce(health, reduction="sum").tolist()
+    if bad_outputs or bad_weights:
+        what = (
+            "are not finite" if bad_weights else f"give non-finite logits for {int(bad_outputs)} of the batch's images"
+        )
+        raise TrainingError(
+            f"after step {progress.step} the weights {what}; they were not saved and {_last_good(ckpt_dir)}. {_ADVICE}"
+        )
