@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-from dynvit.recipe import RecipeError
-from dynvit.registry import PluginError
+from dynvit.errors import DynvitError
 
 # subcommand -> module in dynvit.commands
 COMMANDS: dict[str, str] = {
@@ -28,7 +28,11 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynvit", description="Dynamic inference for vision transformers.")
+    parser = argparse.ArgumentParser(
+        prog="dynvit",
+        description="Dynamic inference for vision transformers.",
+        epilog=f"{DEBUG_FLAG} (anywhere) or {DEBUG_ENV}=1: show the full traceback of any error, for bug reports",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         try:
@@ -43,7 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "DYNVIT_DEBUG"
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (multi-line messages, such as key lists, joined)."""
+    if isinstance(exc, OSError) and not isinstance(exc, DynvitError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror[0].lower()}{exc.strerror[1:]}{where}"
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Errors a user can fix print as one ``error: ...`` line and exit 2; a bug exits 1.
+
+    ``--debug`` (anywhere on the line) or ``DYNVIT_DEBUG=1`` lets every exception through with its traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     # key=value overrides may also follow options: `dynvit eval RECIPE --checkpoint PATH key=value`
@@ -56,9 +80,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (RecipeError, PluginError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (DynvitError, OSError) as exc:
+        if debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"error: unexpected {type(exc).__name__}: {one_line(exc)}. This is a bug in dynvit or a plugin: "
+            f"rerun with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dynvit.errors import DynvitError
 from dynvit.recipe import RecipeError
 from dynvit.registry import PluginError, registry
 from dynvit.stages import (
@@ -32,6 +34,10 @@ from dynvit.stages import (
     Stage1Output,
     TokenReuser,
 )
+
+
+class InputError(DynvitError, ValueError):
+    """Images the model cannot read (shape, channels, dtype, non-finite pixels); the message names the fix."""
 
 
 @dataclass
@@ -107,12 +113,54 @@ class DynamicPipeline(nn.Module):
 
     # -- the two stages ---------------------------------------------------------
 
-    def _check_images(self, images: Tensor) -> None:
-        if images.ndim != 4 or tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected images of shape (B, C, {self.image_size}, {self.image_size}) "
-                f"(model.image_size={self.image_size}), got {tuple(images.shape)}; resize or change model.image_size"
+    def _check_images(self, images: Tensor, check_finite: bool) -> Tensor:
+        """Refuse what the model cannot read, naming the fix; other floating dtypes are cast to the weights'.
+
+        Non-finite pixels are refused with the sample indices (a NaN image
+        would otherwise get NaN logits and a confident-looking class 0). The
+        check costs a host sync, so training-mode forwards skip it: there the
+        trainer's non-finite loss check stops the run instead.
+        """
+        if not isinstance(images, Tensor):
+            raise InputError(f"images must be a torch.Tensor of shape (B, 3, H, W), got a {type(images).__name__}")
+        size, channels = self.image_size, self.backbone.in_chans
+        if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size):
+            raise InputError(
+                f"expected images of shape (B, {channels}, {size}, {size}) (model.image_size={size}), "
+                f"got {tuple(images.shape)}; resize or change model.image_size"
             )
+        if images.shape[1] != channels:
+            fix = (
+                "repeat a grey channel with images.expand(-1, 3, -1, -1)"
+                if images.shape[1] == 1
+                else "drop an alpha channel with images[:, :3]"
+                if images.shape[1] == 4 and channels == 3
+                else f"convert them to {channels} channels"
+            )
+            raise InputError(f"expected {channels}-channel images, got {images.shape[1]} channels; {fix}")
+        if not images.is_floating_point():
+            raise InputError(
+                f"images are {images.dtype}; the model takes normalised floating-point images: "
+                "images.float() / 255, then subtract the recipe's data.mean and divide by data.std"
+            )
+        if check_finite and images.numel():
+            bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+            if bad.any():
+                index = torch.nonzero(bad).flatten().tolist()
+                shown = ", ".join(map(str, index[:10])) + (", ..." if len(index) > 10 else "")
+                raise InputError(
+                    f"{len(index)} of {images.shape[0]} images contain NaN or infinite pixels (batch indices "
+                    f"{shown}); fix or drop them: non-finite input gives meaningless predictions"
+                )
+        return images.to(self.backbone.dtype)
+
+    def _empty_selection(self, device: torch.device) -> Selection:
+        if self.whole_image_stage2:
+            return Selection.whole_image(0, self.grid1, self.grid2, device)
+        computed, reused = self.selector.num_tokens(self.grid1, self.grid2, self.backbone.depth)
+        kept = computed * self.grid1[0] * self.grid1[1] // (self.grid2[0] * self.grid2[1])
+        empty = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        return Selection(empty(0, computed), empty(0, reused), empty(0, 4), empty(0, kept))
 
     def run_full_resolution(self, images: Tensor) -> Tensor:
         """The plain backbone on the whole full-resolution image: (B, C) logits."""
@@ -163,7 +211,11 @@ class DynamicPipeline(nn.Module):
 
     def forward(self, images: Tensor) -> PipelineOutput:
         """Every sample through every stage (training; eta = 1)."""
-        self._check_images(images)
+        images = self._check_images(images, check_finite=not self.training)
+        if images.shape[0] == 0:
+            empty = images.new_zeros(0, self.backbone.num_classes)
+            selection = None if self.num_stages == 1 else self._empty_selection(images.device)
+            return PipelineOutput(logits=(empty,) * self.num_stages, selection=selection)
         if self.num_stages == 1:
             return PipelineOutput(logits=(self.run_full_resolution(images),))
         stage1 = self.run_stage1(images)
@@ -174,7 +226,10 @@ class DynamicPipeline(nn.Module):
     @torch.no_grad()
     def infer(self, images: Tensor, threshold: float | None = None) -> InferenceResult:
         """Early-exit inference; ``threshold`` overrides the exit policy's own."""
-        self._check_images(images)
+        images = self._check_images(images, check_finite=True)
+        if images.shape[0] == 0:
+            empty = images.new_zeros(0, self.backbone.num_classes)
+            return InferenceResult(empty, torch.zeros(0, dtype=torch.long, device=images.device), empty)
         if self.num_stages == 1:
             logits = self.run_full_resolution(images)
             ones = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)

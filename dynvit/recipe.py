@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dynvit.errors import DynvitError
 from dynvit.registry import PluginError, constructor_parameters, registry
 
 # recipe section -> stage kind of the plugin it names
@@ -67,7 +68,7 @@ def one_of(*options: str) -> ValueCheck:
     return (lambda v: v in options, f"one of {', '.join(options)}")
 
 
-class RecipeError(ValueError):
+class RecipeError(DynvitError, ValueError):
     """A recipe that cannot be loaded; the message names the file and key."""
 
 

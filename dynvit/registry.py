@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from dynvit.errors import DynvitError
+
 ENTRY_POINT_GROUP = "dynvit.plugins"
 
 STAGE_KINDS = (
@@ -31,7 +33,7 @@ STAGE_KINDS = (
 T = TypeVar("T", bound=type)
 
 
-class PluginError(LookupError):
+class PluginError(DynvitError, LookupError):
     """A plugin name that cannot be resolved, or a plugin built with bad arguments."""
 
 

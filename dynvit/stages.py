@@ -100,6 +100,12 @@ class Backbone(nn.Module, ABC):
     num_classes: int
     depth: int
     patch_size: int
+    in_chans: int = 3  # image channels the patch embedding reads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which inputs are cast to."""
+        return next(self.parameters()).dtype
 
     @abstractmethod
     def grid_size(self, image_size: int | Sequence[int]) -> Grid:

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
+from dynvit.errors import DynvitError
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -37,7 +39,7 @@ PIPELINE_BACKBONE_PREFIX = "backbone.model."
 PIPELINE_WEIGHTS_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DynvitError, ValueError):
     """A checkpoint that cannot be read or does not fit; the message says why and what to do."""
 
 
@@ -252,7 +254,7 @@ def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True, 
     return report
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh name in the same folder (so the rename is atomic), created by ``write`` with the usual permissions
@@ -276,7 +278,7 @@ def save_pipeline_weights(
     # owned, contiguous copies: safetensors refuses views and shared storage
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     header = {"format": "pt", "producer": "dynvit", **(metadata or {})}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
 
 
@@ -424,5 +426,5 @@ def import_lfvit(src: PathLike, dst: PathLike) -> LFViTImport:
     }
     save_pipeline_weights(state, dst, metadata={"source": "lf-vit", "image_size": str(summary.image_size)})
     text = json.dumps(info, indent=2) + "\n"
-    _atomic_write(summary.sidecar, lambda tmp: tmp.write_text(text))
+    atomic_write(summary.sidecar, lambda tmp: tmp.write_text(text))
     return summary

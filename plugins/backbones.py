@@ -80,6 +80,7 @@ class TimmViT(Backbone):
         self.num_classes = model.num_classes
         self.depth = len(model.blocks)
         self.patch_size = model.patch_embed.patch_size[0]
+        self.in_chans = model.patch_embed.proj.in_channels
         self.native_grid: Grid = tuple(model.patch_embed.grid_size)
         self.stage_pos_embed = nn.ParameterDict()
         for size in stage_image_sizes:

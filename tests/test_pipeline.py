@@ -148,7 +148,7 @@ def test_one_stage_recipe_is_the_plain_backbone(images):
 
 
 def test_wrong_image_size_says_the_expected_one(tiny_pipeline):
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, C, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 64, 64\)"):
         tiny_pipeline(torch.randn(1, 3, 32, 32))
 
 

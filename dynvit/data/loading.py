@@ -31,12 +31,14 @@ from omegaconf import DictConfig
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dynvit.errors import DynvitError
+
 SOURCES = ("quickstart", "imagefolder", "disk")
 # split name -> folder names the imagefolder builder maps to it
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation", "valid"), "test": ("test",)}
 
 
-class DataError(ValueError):
+class DataError(DynvitError, ValueError):
     """Data that cannot be used with a recipe; the message names the problem and the fix."""
 
 

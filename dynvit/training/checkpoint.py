@@ -16,6 +16,7 @@ checkpoint survives as ``.<name>.old``, which :func:`resolve_checkpoint` finds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from dynvit.errors import DynvitError
 
 WEIGHTS_NAME = "model.safetensors"
 EMA_WEIGHTS_NAME = "model_ema.safetensors"
@@ -36,8 +40,44 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(DynvitError, FileNotFoundError):
     """No usable checkpoint at the given place."""
+
+
+class CheckpointWriteError(DynvitError, RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the previous one is intact."""
+
+
+# below this much free space after a failed write, the disk was full
+_FULL_DISK_BYTES = 4 << 20
+
+
+def _write_failure(exc: BaseException, tmp: Path, target: Path) -> CheckpointWriteError:
+    """Remove a partly written ``tmp`` and say what went wrong, naming the checkpoint that survives."""
+    try:
+        free = shutil.disk_usage(tmp.parent if tmp.parent.exists() else target.parent).free
+    except OSError:
+        free = None
+    shutil.rmtree(tmp, ignore_errors=True)
+    chain, cause = [], exc
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    no_space = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or (
+        free is not None and free < _FULL_DISK_BYTES
+    )
+    try:
+        kept = f"the previous checkpoint is intact: {resolve_checkpoint(target)}"
+    except CheckpointNotFound:
+        kept = "no earlier checkpoint exists"
+    if no_space:
+        what = f"no space left on device while writing {target} ({(free or 0) / 2**20:.1f} MiB free there)"
+        fix = "free some space or choose another train.output_dir, then resume with --resume auto"
+    else:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = f"writing checkpoint {target} failed: {reason}"
+        fix = "check that the folder is writable, then resume with --resume auto"
+    return CheckpointWriteError(f"{what}; the partial copy was removed and {kept}. {fix}")
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -94,8 +134,22 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     tmp = _temporary(target)
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(source, tmp)
+    try:
+        shutil.copytree(source, tmp)
+    except Exception as exc:
+        raise _write_failure(exc, tmp, target) from exc
     commit(tmp, target)
+
+
+def installed(target: Path, need_meta: bool = True) -> Path | None:
+    """``target`` if it is a complete checkpoint, else the copy an interrupted swap left as ``.<name>.old``.
+
+    ``need_meta=False`` accepts a folder with weights alone (enough to evaluate, not to resume).
+    """
+    for candidate in (target, _previous(target)):
+        if (candidate / WEIGHTS_NAME).is_file() and (not need_meta or (candidate / META_NAME).is_file()):
+            return candidate
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -106,13 +160,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     ``.old`` name.
     """
     path = Path(path)
-    candidates = [path, _previous(path)]
     if (path / "checkpoints").is_dir():
-        last = checkpoints_dir(path) / "last"
-        candidates = [last, _previous(last)]
-    for candidate in candidates:
-        if (candidate / META_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
-            return candidate
+        path = checkpoints_dir(path) / "last"
+    found = installed(path)
+    if found is not None:
+        return found
     raise CheckpointNotFound(
         f"no checkpoint at {path}; give a checkpoint folder (with {META_NAME} and {WEIGHTS_NAME}) "
         "or a training output folder that has checkpoints/last"
@@ -136,8 +188,8 @@ def run_checkpoint(path: str | Path) -> Path:
     """``path`` itself, or for a run's output folder its ``best`` checkpoint (else ``last``)."""
     path = Path(path)
     if path.is_dir() and (path / "checkpoints").is_dir():
-        best = checkpoints_dir(path) / "best"
-        return best if (best / WEIGHTS_NAME).is_file() else resolve_checkpoint(path)
+        # a swap of `best` killed between its two renames leaves it as `.best.old`
+        return installed(checkpoints_dir(path) / "best", need_meta=False) or resolve_checkpoint(path)
     return path
 
 
@@ -163,19 +215,62 @@ def save_training_checkpoint(
     if accelerator.is_main_process:
         begin(target)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_DIR))
-    if accelerator.is_main_process:
-        save_weights(accelerator.get_state_dict(model), tmp / WEIGHTS_NAME)
-        if ema is not None:
-            save_weights(ema.module.state_dict(), tmp / EMA_WEIGHTS_NAME)
-        write_meta(tmp, meta)
+    try:
+        accelerator.save_state(str(tmp / STATE_DIR))
+        if accelerator.is_main_process:
+            save_weights(accelerator.get_state_dict(model), tmp / WEIGHTS_NAME)
+            if ema is not None:
+                save_weights(ema.module.state_dict(), tmp / EMA_WEIGHTS_NAME)
+            write_meta(tmp, meta)
+    except Exception as exc:  # torch.save reports a full disk as a bare stream error
+        raise _write_failure(exc, tmp, target) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         commit(tmp, target)
     accelerator.wait_for_everyone()
 
 
+def check_resumable(model: nn.Module, folder: Path) -> None:
+    """Refuse, naming keys and shapes, a checkpoint whose weights do not fit ``model`` (another recipe's run)."""
+    from dynvit.weights import CheckpointError, summarise_keys
+
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+            theirs = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME} cannot be read ({exc}); resume from another checkpoint"
+        ) from None
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if theirs == ours:
+        return
+    lines = []
+    if set(ours) - set(theirs):
+        lines.append(f"missing from the checkpoint: {summarise_keys(set(ours) - set(theirs), 6)}")
+    if set(theirs) - set(ours):
+        lines.append(f"not in this model: {summarise_keys(set(theirs) - set(ours), 6)}")
+    reshaped = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    if reshaped:
+        lines.append("other shape: " + "; ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in reshaped[:4]))
+    raise CheckpointError(
+        f"{folder} was written by a run of another model ({'; '.join(lines)}); resume it with the recipe it was "
+        f"trained with (its recipe.yaml), or start this recipe fresh in another output folder, optionally from its "
+        f"backbone with train.init_backbone={folder}"
+    )
+
+
 def load_training_checkpoint(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
     """Restore model, optimizer, registered objects (scheduler, EMA) and RNG streams; returns the meta data."""
-    accelerator.load_state(str(folder / STATE_DIR))
-    return read_meta(folder)
+    from dynvit.weights import CheckpointError
+
+    try:
+        meta = read_meta(folder)
+        accelerator.load_state(str(folder / STATE_DIR))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{folder} cannot be resumed: its training state is damaged or incomplete ({type(exc).__name__}: "
+            f"{reason}); resume from another checkpoint (checkpoints/best or step_N), or start afresh from its "
+            f"weights with train.init_backbone={folder}"
+        ) from None
+    return meta

@@ -36,10 +36,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dynvit.data.loading import build_dataloader, set_epoch, validate_data
+from dynvit.errors import DynvitError
 from dynvit.pipeline import DynamicPipeline, build_pipeline
 from dynvit.recipe import recipe_to_yaml
 from dynvit.training.checkpoint import (
     CheckpointNotFound,
+    check_resumable,
     checkpoints_dir,
     copy_checkpoint,
     load_training_checkpoint,
@@ -47,11 +49,12 @@ from dynvit.training.checkpoint import (
     save_training_checkpoint,
     weights_digest,
 )
+from dynvit.weights import atomic_write
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DynvitError, RuntimeError):
     """A run that cannot start or continue; the message names the problem and the fix."""
 
 
@@ -206,9 +209,27 @@ def _resume_folder(resume: str | None, output_dir: Path) -> Path | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+    except OSError as exc:
+        raise TrainingError(f"cannot write {path}: {exc.strerror or exc}; free some space or fix the folder") from None
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Fail before any work when the run could not save anything (read-only or missing storage)."""
+    probe = output_dir / f".write-test-{os.getpid()}"
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+        for folder in created:  # leave nothing behind if a later check refuses the run
+            folder.rmdir()
+    except OSError as exc:
+        raise TrainingError(
+            f"train.output_dir={output_dir} is not writable ({exc.strerror or exc}); "
+            "choose another folder with --output-dir"
+        ) from None
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -283,6 +304,7 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     _limit_cpu_threads(accelerator, data.num_workers)
 
     # -- checks that fail before anything heavy runs
+    _check_writable(output_dir)
     with accelerator.local_main_process_first():  # data caches (quickstart, imagefolder) build once per node
         classes = validate_data(recipe)
     resume_from = _resume_folder(resume, output_dir)
@@ -295,6 +317,13 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     # -- model; DDP is told about parameters a step can leave unused
     set_seed(cfg.seed)
     pipe = build_pipeline(recipe, with_loss=True)
+    if pipe.backbone.num_classes != len(classes):
+        raise TrainingError(
+            f"the data has {len(classes)} classes but the model's head has {pipe.backbone.num_classes}; "
+            f"set model.backbone.num_classes={len(classes)}"
+        )
+    if resume_from is not None:
+        check_resumable(pipe, resume_from)
     if cfg.init_backbone and resume_from is None:
         init_backbone(pipe, cfg.init_backbone)
     if accelerator.num_processes > 1 and pipe.num_stages == 2:
