@@ -67,24 +67,45 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # safetensors' own error type for a bad header or a short file
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({_first_line(exc)}): it is truncated, corrupt or "
+                "not a checkpoint; copy or export it again"
+            ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if unsafe is None:  # random bytes fail in the unpickler too, but are no pickle of anything
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            raise _unreadable(path, exc, detail.group(1).strip() if detail else None) from None
         raise CheckpointError(
-            f"{path} holds Python objects that are not loaded for safety (torch.load with weights_only=True "
-            f"refused it: {reason}). dynvit loads only tensors in plain dicts/lists. In an environment you trust, "
-            "re-save just the weights: torch.save({'model': torch.load(src, weights_only=False)['model']}, dst)"
-        ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
+            f"{path} holds Python objects ({unsafe.group(1)}) that are not loaded for safety (torch.load with "
+            "weights_only=True refused it). dynvit loads only tensors in plain dicts/lists. In an environment you "
+            "trust, re-save just the weights: torch.save({'model': torch.load(src, weights_only=False)['model']}, dst)"
+        ) from None
+    except Exception as exc:  # zip, EOF and stream errors of a damaged file
+        raise _unreadable(path, exc) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a dictionary of tensors; "
             "save a state dict (torch.save(model.state_dict(), path)) or {'model': state_dict}"
         )
     return dict(obj)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unreadable(path: Path, exc: BaseException, detail: str | None = None) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {detail or _first_line(exc)}): "
+        "it is truncated, corrupt or not a checkpoint; copy or export it again"
+    )
 
 
 def state_dict_from(checkpoint: Mapping[str, Any], source: PathLike | str = "checkpoint") -> StateDict:
@@ -226,7 +247,13 @@ def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True, 
     rest is reported.
     """
     file = _pipeline_file(Path(path), "model_ema.safetensors" if ema else PIPELINE_WEIGHTS_NAME)
-    state = state_dict_from(read_checkpoint(file), file)
+    return load_pipeline_state(pipe, state_dict_from(read_checkpoint(file), file), file, strict)
+
+
+def load_pipeline_state(
+    pipe: nn.Module, state: Mapping[str, Tensor], file: PathLike, strict: bool = True
+) -> LoadReport:
+    """:func:`load_pipeline_weights` for a state dict in memory; ``file`` names it in messages."""
     own = pipe.state_dict()
     report = _compare(state, own)
     if strict and not report.exact:
@@ -382,12 +409,15 @@ class LFViTImport:
         return self.grids[-1] * self.patch_size
 
 
-def import_lfvit(src: PathLike, dst: PathLike) -> LFViTImport:
+def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None] | None = None) -> LFViTImport:
     """Convert the authors' LF-ViT checkpoint ``src`` into a dynvit pipeline checkpoint ``dst`` (.safetensors).
 
     ``dst`` gets the weights; ``dst`` with ``.json`` a sidecar with the
     shapes found and the authors' extra entries (``flops``, the anytime and
-    budgeted-batch results). Both are written atomically.
+    budgeted-batch results). ``check`` sees the converted state dict before
+    anything is written (the command line loads it strictly into the
+    recipe's pipeline), so a refused import leaves ``dst`` as it was. Both
+    files are written atomically.
     """
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
@@ -424,6 +454,8 @@ def import_lfvit(src: PathLike, dst: PathLike) -> LFViTImport:
         "ignored_entries": ignored,
         **extra,
     }
+    if check is not None:
+        check(state)
     save_pipeline_weights(state, dst, metadata={"source": "lf-vit", "image_size": str(summary.image_size)})
     text = json.dumps(info, indent=2) + "\n"
     atomic_write(summary.sidecar, lambda tmp: tmp.write_text(text))

@@ -302,10 +302,14 @@ def test_import_command_converts_and_proves_the_fit(tmp_path, capsys):
     assert main(["import-lfvit", str(tmp_path / "a.pth"), str(out), *overrides]) == 0
     printed = capsys.readouterr().out
     assert "7x7 and 14x14" in printed and "loads it strictly" in printed
-    # a recipe of another width does not fit, and the command says so
+    # a recipe of another width does not fit: the command says so before writing, and OUT stays as it was
+    written = out.read_bytes()
+    torch.save({"model": authors_state_dict(8)}, tmp_path / "a.pth")
     narrower = [o.replace(f"embed_dim={WIDTH}", "embed_dim=16") for o in overrides]
-    assert main(["import-lfvit", str(tmp_path / "a.pth"), str(out), *narrower]) == 1
-    assert "other shape" in capsys.readouterr().err
+    assert main(["import-lfvit", str(tmp_path / "a.pth"), str(out), *narrower]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was written" in err and "other shape" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == written
 
 
 # -- timm / DeiT backbone initialisation ---------------------------------------------

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 
 from dynvit.pipeline import build_pipeline
 from dynvit.recipe import load_recipe
-from dynvit.weights import CheckpointError, import_lfvit, load_pipeline_weights
+from dynvit.weights import CheckpointError, import_lfvit, load_pipeline_state
 
 HELP = "convert the authors' LF-ViT checkpoint (.pth) into a dynvit checkpoint (.safetensors) and check it loads"
 
@@ -28,32 +28,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        summary = import_lfvit(args.source, args.output)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if recipe.model.backbone.get("checkpoint"):
+        recipe.model.backbone.checkpoint = None  # the imported weights replace any backbone initialisation
+    pipe = build_pipeline(recipe, with_loss=False)
+
+    def fits_recipe(state: dict) -> None:
+        try:
+            load_pipeline_state(pipe, state, args.source, strict=True)
+        except CheckpointError as exc:
+            size = math.isqrt(state["backbone.model.pos_embed"].shape[1] - 1) * pipe.backbone.patch_size
+            suggestion = _RECIPE_FOR_SIZE.get(size)
+            hint = f"; a checkpoint for {size}px images fits --recipe {suggestion}" if suggestion != args.recipe else ""
+            raise CheckpointError(
+                f"nothing was written: the converted weights do not fit recipe {args.recipe!r}: {exc}{hint}"
+            ) from None
+
+    summary = import_lfvit(args.source, args.output, check=fits_recipe)
     grids = " and ".join(f"{g}x{g}" for g in summary.grids)
     print(
         f"read {args.source}: LF-ViT with width {summary.embed_dim}, {summary.depth} blocks, "
         f"patch {summary.patch_size}, {summary.num_classes} classes, "
         f"position tables for {grids} grids (image {summary.image_size})"
     )
+    print(f"checked: the {args.recipe} pipeline (image {pipe.image_size}) loads it strictly")
     print(f"wrote {summary.weights} ({summary.num_tensors} tensors) and {summary.sidecar}")
     if summary.metadata_keys:
         print(f"  kept the authors' {', '.join(summary.metadata_keys)} in {summary.sidecar.name}")
-
-    if recipe.model.backbone.get("checkpoint"):
-        recipe.model.backbone.checkpoint = None  # the imported weights replace any backbone initialisation
-    pipe = build_pipeline(recipe, with_loss=False)
-    try:
-        load_pipeline_weights(pipe, summary.weights, strict=True)
-    except CheckpointError as exc:
-        print(f"error: the imported weights do not fit recipe {args.recipe!r}:\n{exc}", file=sys.stderr)
-        suggestion = _RECIPE_FOR_SIZE.get(summary.image_size)
-        if suggestion and suggestion != args.recipe:
-            print(f"hint: a checkpoint for {summary.image_size}px images fits --recipe {suggestion}", file=sys.stderr)
-        return 1
-    print(f"checked: the {args.recipe} pipeline (image {pipe.image_size}) loads it strictly")
     print(f"use it with: load_pipeline_weights(build_pipeline(load_recipe({args.recipe!r})), {str(summary.weights)!r})")
     return 0
