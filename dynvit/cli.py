@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dynvit.errors import DynvitError
+from dynvit.errors import DynvitError, one_line
 
 # subcommand -> module in dynvit.commands
 COMMANDS: dict[str, str] = {
@@ -49,15 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "DYNVIT_DEBUG"
-
-
-def one_line(exc: BaseException) -> str:
-    """An error's message on one line (multi-line messages, such as key lists, joined)."""
-    if isinstance(exc, OSError) and not isinstance(exc, DynvitError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror[0].lower()}{exc.strerror[1:]}{where}"
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-    return text or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from dynvit.commands import add_recipe_arguments
-from dynvit.recipe import RecipeError, load_recipe
+from dynvit.errors import one_line
+from dynvit.recipe import load_recipe
 
 HELP = "evaluate a checkpoint: per-stage accuracy, accuracy/FLOPs curve, calibrated exits, pictures, throughput"
 
@@ -64,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
             recipe_name=args.recipe,
             progress=not args.no_progress,
         )
-    except (RecipeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as exc:  # the evaluation's own checks raise ValueError
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(format_table(metrics))
     out = args.out if args.out is not None else Path(recipe.eval.output_dir)

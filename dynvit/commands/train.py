@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from dynvit.commands import add_recipe_arguments
@@ -27,21 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynvit.data.loading import DataError
-    from dynvit.recipe import RecipeError, load_recipe
-    from dynvit.training.trainer import TrainingError, train
+    from dynvit.recipe import load_recipe
+    from dynvit.training.trainer import train
 
     overrides = list(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"train.output_dir={args.output_dir}")
-    try:
-        recipe = load_recipe(args.recipe, overrides)
-        if recipe.train.output_dir == DEFAULT_OUTPUT_DIR and args.output_dir is None:
-            recipe.train.output_dir = f"runs/{Path(str(args.recipe)).stem}"
-        output_dir = train(recipe, resume=args.resume, max_steps=args.max_steps)
-    except (RecipeError, DataError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.train.output_dir == DEFAULT_OUTPUT_DIR and args.output_dir is None:
+        recipe.train.output_dir = f"runs/{Path(str(args.recipe)).stem}"
+    # errors a user can fix (recipe, data, checkpoints, a full disk) are printed by the command line
+    output_dir = train(recipe, resume=args.resume, max_steps=args.max_steps)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

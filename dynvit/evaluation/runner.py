@@ -399,6 +399,12 @@ def evaluate(
         del base_pipe
 
     pipe = _build(recipe, checkpoint, device)
+    names = class_names(recipe)
+    if len(names) != pipe.backbone.num_classes:
+        raise ValueError(
+            f"the data has {len(names)} classes but the model's head has {pipe.backbone.num_classes}; "
+            f"evaluate with the recipe the checkpoint was trained with, or set model.backbone.num_classes={len(names)}"
+        )
     loader = loader_for(recipe)
     info = {
         "recipe": name,
@@ -419,7 +425,7 @@ def evaluate(
         budget_gflops=budget_gflops,
         target_acc=target_acc,
         baseline=baseline,
-        class_names=class_names(recipe),
+        class_names=names,
         mean=tuple(recipe.data.mean),
         std=tuple(recipe.data.std),
         device=device,

@@ -72,11 +72,11 @@ def _write_failure(exc: BaseException, tmp: Path, target: Path) -> CheckpointWri
         kept = "no earlier checkpoint exists"
     if no_space:
         what = f"no space left on device while writing {target} ({(free or 0) / 2**20:.1f} MiB free there)"
-        fix = "free some space or choose another train.output_dir, then resume with --resume auto"
+        fix = "Free some space or choose another train.output_dir, then resume with --resume auto"
     else:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = f"writing checkpoint {target} failed: {reason}"
-        fix = "check that the folder is writable, then resume with --resume auto"
+        fix = "Check that the folder is writable, then resume with --resume auto"
     return CheckpointWriteError(f"{what}; the partial copy was removed and {kept}. {fix}")
 
 
