@@ -456,54 +456,56 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
         )
         images_seen, start = 0, time.perf_counter()
         step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-        for images, labels in islice(batches, micro_batches - done):
-            images = images.to(accelerator.device, non_blocking=True)
-            labels = labels.to(accelerator.device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            elif cfg.smoothing > 0:
-                targets = mixup_target(labels, len(classes), smoothing=cfg.smoothing)
-            else:
-                targets = labels
+        try:
+            for images, labels in islice(batches, micro_batches - done):
+                images = images.to(accelerator.device, non_blocking=True)
+                labels = labels.to(accelerator.device, non_blocking=True)
+                if mixup is not None:
+                    images, targets = mixup(images, labels)
+                elif cfg.smoothing > 0:
+                    targets = mixup_target(labels, len(classes), smoothing=cfg.smoothing)
+                else:
+                    targets = labels
 
-            with accelerator.accumulate(model):
-                loss = pipe.compute_loss(model(images), targets)
-                accelerator.backward(loss)
-                step_loss = step_loss + loss.detach().float()  # stays on the device: no sync per micro-batch
-                micro_steps += 1
-                if accelerator.sync_gradients:
-                    # one fused check and one host sync per optimiser step, before the update
-                    loss_value = _checked_step(accelerator, pipe, step_loss, micro_steps, epoch, progress, ckpt_dir)
-                    if cfg.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                with accelerator.accumulate(model):
+                    loss = pipe.compute_loss(model(images), targets)
+                    accelerator.backward(loss)
+                    step_loss = step_loss + loss.detach().float()  # stays on the device: no sync per micro-batch
+                    micro_steps += 1
+                    if accelerator.sync_gradients:
+                        # one fused check and one host sync per optimiser step, before the update
+                        loss_value = _checked_step(accelerator, pipe, step_loss, micro_steps, epoch, progress, ckpt_dir)
+                        if cfg.clip_grad:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-            images_seen += images.shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            progress.epoch_loss_sum += loss_value * micro_steps
-            progress.epoch_loss_count += micro_steps
-            step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-            progress.step += 1
-            progress.epoch_step += 1
-            scheduler.step_update(num_updates=progress.step)
-            if ema is not None:
-                ema.update(pipe, step=progress.step)
-            current_lr = optimizer.param_groups[0]["lr"]
-            rate = images_seen / max(time.perf_counter() - start, 1e-9)
-            train_loss = progress.epoch_loss_sum / progress.epoch_loss_count
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.0f}")
-            bar.update()
-            if cfg.tensorboard and progress.step % cfg.log_every_steps == 0:
-                accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
-            stop = max_steps is not None and progress.step >= max_steps
-            if progress.epoch_step < steps_per_epoch and (stop or every_n_steps(progress.step)):
-                save(ckpt_dir / "last", images)  # at the epoch's end `last` is saved after validation instead
-                keep_step_checkpoint(progress.step)
-            if stop:
-                break
-        bar.close()
+                images_seen += images.shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                progress.epoch_loss_sum += loss_value * micro_steps
+                progress.epoch_loss_count += micro_steps
+                step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
+                progress.step += 1
+                progress.epoch_step += 1
+                scheduler.step_update(num_updates=progress.step)
+                if ema is not None:
+                    ema.update(pipe, step=progress.step)
+                current_lr = optimizer.param_groups[0]["lr"]
+                rate = images_seen / max(time.perf_counter() - start, 1e-9)
+                train_loss = progress.epoch_loss_sum / progress.epoch_loss_count
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.0f}")
+                bar.update()
+                if cfg.tensorboard and progress.step % cfg.log_every_steps == 0:
+                    accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
+                stop = max_steps is not None and progress.step >= max_steps
+                if progress.epoch_step < steps_per_epoch and (stop or every_n_steps(progress.step)):
+                    save(ckpt_dir / "last", images)  # at the epoch's end `last` is saved after validation instead
+                    keep_step_checkpoint(progress.step)
+                if stop:
+                    break
+        finally:
+            bar.close()  # ends the bar's line, also when an error stops the run
         elapsed = time.perf_counter() - start
         if progress.epoch_step < steps_per_epoch:  # stopped by max_steps inside the epoch; `last` is saved
             accelerator.print(f"stopped after {progress.step} steps (--max-steps); resume with --resume auto")
