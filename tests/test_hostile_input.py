@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_training import PLAIN_TRAINING, make_disk_dataset, tiny_overrides
+from test_training import PLAIN_TRAINING, make_disk_dataset, one_thread, tiny_overrides  # noqa: F401 - autouse
 
 from dynvit import build_pipeline, load_recipe
 from dynvit.cli import main
@@ -33,14 +33,6 @@ TINY = str(Path(__file__).with_name("tiny.yaml"))
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_disk_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
