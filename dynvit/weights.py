@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -22,25 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from dynvit.errors import DynvitError
+from dynvit.checkpoint_files import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    PathLike,
+    StateDict,
+    read_checkpoint,
+    run_checkpoint,
+    state_dict_from,
+)
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-StateDict = dict[str, Tensor]
 
 # where a dynvit pipeline keeps the timm model's tensors (``pipe.backbone.model``)
 PIPELINE_BACKBONE_PREFIX = "backbone.model."
 # the file a training checkpoint folder keeps the pipeline's weights in (Accelerate's name)
-PIPELINE_WEIGHTS_NAME = "model.safetensors"
-
-
-class CheckpointError(DynvitError, ValueError):
-    """A checkpoint that cannot be read or does not fit; the message says why and what to do."""
+PIPELINE_WEIGHTS_NAME = WEIGHTS_NAME
 
 
 @dataclass
@@ -56,81 +57,6 @@ class LoadReport:
     @property
     def exact(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched or self.dropped)
-
-
-# -- reading -------------------------------------------------------------------
-
-
-def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """The top-level dictionary of a ``.safetensors`` file or a ``torch.save`` file, loaded safely."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path, device="cpu")
-        except Exception as exc:  # safetensors' own error type for a bad header or a short file
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file ({_first_line(exc)}): it is truncated, corrupt or "
-                "not a checkpoint; copy or export it again"
-            ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if unsafe is None:  # random bytes fail in the unpickler too, but are no pickle of anything
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            raise _unreadable(path, exc, detail.group(1).strip() if detail else None) from None
-        raise CheckpointError(
-            f"{path} holds Python objects ({unsafe.group(1)}) that are not loaded for safety (torch.load with "
-            "weights_only=True refused it). dynvit loads only tensors in plain dicts/lists. In an environment you "
-            "trust, re-save just the weights: torch.save({'model': torch.load(src, weights_only=False)['model']}, dst)"
-        ) from None
-    except Exception as exc:  # zip, EOF and stream errors of a damaged file
-        raise _unreadable(path, exc) from None
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{path} holds a {type(obj).__name__}, not a dictionary of tensors; "
-            "save a state dict (torch.save(model.state_dict(), path)) or {'model': state_dict}"
-        )
-    return dict(obj)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _unreadable(path: Path, exc: BaseException, detail: str | None = None) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {detail or _first_line(exc)}): "
-        "it is truncated, corrupt or not a checkpoint; copy or export it again"
-    )
-
-
-def state_dict_from(checkpoint: Mapping[str, Any], source: PathLike | str = "checkpoint") -> StateDict:
-    """The state dict inside a checkpoint: its ``model`` (or ``state_dict``) entry, or the checkpoint itself.
-
-    A ``module.`` prefix on every key (a model saved through DistributedDataParallel)
-    and torch.compile's ``_orig_mod.`` are removed.
-    """
-    inner: Any = checkpoint
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), Mapping):
-            inner = checkpoint[key]
-            break
-    bad = [k for k, v in inner.items() if not isinstance(v, Tensor)]
-    if bad:
-        shown = ", ".join(f"{k!r} ({type(inner[k]).__name__})" for k in bad[:5])
-        raise CheckpointError(
-            f"{source} is not a dictionary of tensors: {shown}{' ...' if len(bad) > 5 else ''}; "
-            "expected a state dict, or a dict whose 'model' entry is one"
-        )
-    state = {str(k): v for k, v in inner.items()}
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def _pattern(key: str) -> str:
@@ -182,8 +108,6 @@ def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> LoadReport:
     stage tables are then resampled from the loaded full-resolution table.
     Missing and unexpected keys are logged and returned.
     """
-    from dynvit.training.checkpoint import run_checkpoint
-
     model = backbone.model
     path = _pipeline_file(run_checkpoint(path))
     state = state_dict_from(read_checkpoint(path), path)
@@ -240,7 +164,7 @@ def _pipeline_file(path: Path, name: str = PIPELINE_WEIGHTS_NAME) -> Path:
 def load_pipeline_weights(pipe: nn.Module, path: PathLike, strict: bool = True, ema: bool = False) -> LoadReport:
     """Load a dynvit pipeline checkpoint (``.safetensors``, ``.pth``, or a training checkpoint folder;
     ``ema=True`` takes a folder's EMA weights). For a training run's output folder use
-    :func:`dynvit.training.load_checkpoint_weights`, which finds its best or last checkpoint.
+    :func:`load_checkpoint_weights`, which finds its best or last checkpoint.
 
     Strict by default: any missing, unexpected or reshaped key raises an
     error that lists them. With ``strict=False`` what fits is loaded and the
@@ -460,3 +384,14 @@ def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None
     text = json.dumps(info, indent=2) + "\n"
     atomic_write(summary.sidecar, lambda tmp: tmp.write_text(text))
     return summary
+
+
+def load_checkpoint_weights(pipe: nn.Module, path: str | Path, ema: bool = False, strict: bool = True) -> nn.Module:
+    """Load a checkpoint's weights into ``pipe``.
+
+    ``path`` is a checkpoint folder, a run's output folder (``best`` if it
+    exists, else ``last``) or a weights file; ``ema=True`` loads the EMA
+    weights of a folder. Reading is :func:`dynvit.weights.load_pipeline_weights`.
+    """
+    load_pipeline_weights(pipe, run_checkpoint(path), strict=strict, ema=ema)
+    return pipe

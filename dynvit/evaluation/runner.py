@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from dynvit.evaluation.calibration import calibrate
@@ -28,7 +29,6 @@ from dynvit.evaluation.report import (
 from dynvit.evaluation.throughput import measure_throughput
 from dynvit.pipeline import DynamicPipeline, build_pipeline
 from dynvit.recipe import load_recipe, recipe_to_yaml
-from dynvit.training.config import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_WEIGHTS_WARNING = "no checkpoint given: these figures are for a RANDOMLY INITIALISED model"
 
@@ -164,8 +164,8 @@ def evaluate_pipeline(
     target_acc: float | None = None,
     baseline: dict[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     device: str | torch.device | None = None,
     info: dict[str, Any] | None = None,
     recipe: DictConfig | None = None,
@@ -303,7 +303,7 @@ def evaluate_pipeline(
 
 
 def _build(recipe: DictConfig, checkpoint: str | None, device: torch.device) -> DynamicPipeline:
-    from dynvit.training.checkpoint import load_checkpoint_weights
+    from dynvit.weights import load_checkpoint_weights
 
     torch.manual_seed(int(recipe.train.seed))  # a model without a checkpoint is the same on every run
     pipe = build_pipeline(recipe, with_loss=False)

@@ -29,19 +29,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dynvit.checkpoint_files import (  # noqa: F401 - the names runs and tests use, kept importable from here
+    EMA_WEIGHTS_NAME,
+    META_NAME,
+    STATE_DIR,
+    WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointNotFound,
+    checkpoints_dir,
+    installed,
+    previous_path,
+    resolve_checkpoint,
+    run_checkpoint,
+    temporary_path,
+)
 from dynvit.errors import DynvitError
-
-WEIGHTS_NAME = "model.safetensors"
-EMA_WEIGHTS_NAME = "model_ema.safetensors"
-META_NAME = "meta.json"
-STATE_DIR = "state"
+from dynvit.weights import load_checkpoint_weights, summarise_keys  # noqa: F401
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-class CheckpointNotFound(DynvitError, FileNotFoundError):
-    """No usable checkpoint at the given place."""
 
 
 class CheckpointWriteError(DynvitError, RuntimeError):
@@ -80,18 +86,6 @@ def _write_failure(exc: BaseException, tmp: Path, target: Path) -> CheckpointWri
     return CheckpointWriteError(f"{what}; the partial copy was removed and {kept}. {fix}")
 
 
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def _temporary(target: Path) -> Path:
-    return target.parent / f".{target.name}.tmp"
-
-
-def _previous(target: Path) -> Path:
-    return target.parent / f".{target.name}.old"
-
-
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """A state dict as safetensors (contiguous CPU copies; safetensors refuses views)."""
     save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, str(path))
@@ -107,7 +101,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 def begin(target: Path) -> Path:
     """A fresh temporary folder beside ``target`` to fill (main process only)."""
-    tmp = _temporary(target)
+    tmp = temporary_path(target)
     if tmp.exists():
         shutil.rmtree(tmp)  # left over by a write that never finished
     tmp.mkdir(parents=True)
@@ -118,7 +112,7 @@ def commit(tmp: Path, target: Path) -> None:
     """Swap a completely written ``tmp`` in as ``target`` (main process only)."""
     if not (tmp / META_NAME).is_file():
         raise RuntimeError(f"{tmp} has no {META_NAME}; refusing to install an incomplete checkpoint")
-    previous = _previous(target)
+    previous = previous_path(target)
     if target.exists():
         if previous.exists():
             shutil.rmtree(previous)  # stale: target is complete
@@ -131,7 +125,7 @@ def commit(tmp: Path, target: Path) -> None:
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Install a copy of a complete checkpoint under another name (``best``, ``step_N``)."""
-    tmp = _temporary(target)
+    tmp = temporary_path(target)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -139,58 +133,6 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     except Exception as exc:
         raise _write_failure(exc, tmp, target) from exc
     commit(tmp, target)
-
-
-def installed(target: Path, need_meta: bool = True) -> Path | None:
-    """``target`` if it is a complete checkpoint, else the copy an interrupted swap left as ``.<name>.old``.
-
-    ``need_meta=False`` accepts a folder with weights alone (enough to evaluate, not to resume).
-    """
-    for candidate in (target, _previous(target)):
-        if (candidate / WEIGHTS_NAME).is_file() and (not need_meta or (candidate / META_NAME).is_file()):
-            return candidate
-    return None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder meant by ``path``.
-
-    ``path`` is a checkpoint folder, or a run's output folder (its ``last``
-    checkpoint). A checkpoint whose swap was interrupted is found under its
-    ``.old`` name.
-    """
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = checkpoints_dir(path) / "last"
-    found = installed(path)
-    if found is not None:
-        return found
-    raise CheckpointNotFound(
-        f"no checkpoint at {path}; give a checkpoint folder (with {META_NAME} and {WEIGHTS_NAME}) "
-        "or a training output folder that has checkpoints/last"
-    )
-
-
-def load_checkpoint_weights(pipe: nn.Module, path: str | Path, ema: bool = False, strict: bool = True) -> nn.Module:
-    """Load a checkpoint's weights into ``pipe``.
-
-    ``path`` is a checkpoint folder, a run's output folder (``best`` if it
-    exists, else ``last``) or a weights file; ``ema=True`` loads the EMA
-    weights of a folder. Reading is :func:`dynvit.weights.load_pipeline_weights`.
-    """
-    from dynvit.weights import load_pipeline_weights
-
-    load_pipeline_weights(pipe, run_checkpoint(path), strict=strict, ema=ema)
-    return pipe
-
-
-def run_checkpoint(path: str | Path) -> Path:
-    """``path`` itself, or for a run's output folder its ``best`` checkpoint (else ``last``)."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        # a swap of `best` killed between its two renames leaves it as `.best.old`
-        return installed(checkpoints_dir(path) / "best", need_meta=False) or resolve_checkpoint(path)
-    return path
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -211,7 +153,7 @@ def save_training_checkpoint(
     (``output_dir`` must be on storage every node sees); the main process adds
     the weights and ``meta.json`` and swaps the folder into place.
     """
-    tmp = _temporary(target)
+    tmp = temporary_path(target)
     if accelerator.is_main_process:
         begin(target)
     accelerator.wait_for_everyone()
@@ -232,8 +174,6 @@ def save_training_checkpoint(
 
 def check_resumable(model: nn.Module, folder: Path) -> None:
     """Refuse, naming keys and shapes, a checkpoint whose weights do not fit ``model`` (another recipe's run)."""
-    from dynvit.weights import CheckpointError, summarise_keys
-
     try:
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
             theirs = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
@@ -261,8 +201,6 @@ def check_resumable(model: nn.Module, folder: Path) -> None:
 
 def load_training_checkpoint(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
     """Restore model, optimizer, registered objects (scheduler, EMA) and RNG streams; returns the meta data."""
-    from dynvit.weights import CheckpointError
-
     try:
         meta = read_meta(folder)
         accelerator.load_state(str(folder / STATE_DIR))
