@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dynvit.data.errors import DataError
 from dynvit.data.imagefolder import folder_split, training_classes
@@ -280,25 +280,32 @@ def _patch_posterize(transform: Any) -> None:
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Seed python, numpy and torch's CPU generator for one sample's augmentation, then restore all three.
+    """Seed python, numpy and torch's CPU generator for one sample's augmentation.
 
     timm's transforms draw from exactly these (crops and RandAugment from
     ``random``, RandAugment's op choice from ``numpy``, flips and random
-    erasing from torch on the CPU). ``torch.manual_seed`` would reseed the
-    CUDA generators as well, and nothing here restores those: with
-    ``data.num_workers=0`` on a GPU every sample would reset the training
-    process's dropout and drop-path stream.
+    erasing from torch on the CPU). In the training process
+    (``data.num_workers=0``) the three are restored afterwards, so the
+    trainer's own draws (mixup, dropout on the CPU) go on as if no image had
+    been read. CUDA's generators are neither seeded nor touched:
+    ``torch.manual_seed`` would reseed them, resetting a GPU run's dropout
+    and drop-path stream at every sample. In a DataLoader worker the streams
+    serve only this loop and restoring them would cost about a tenth of a
+    millisecond a sample, so they are left seeded.
     """
-    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    restore = get_worker_info() is None
+    if restore:
+        py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(pt)
+        if restore:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_rng_state(pt)
 
 
 @contextmanager
@@ -350,10 +357,13 @@ class ImageDataset(Dataset):
         feature = split.features[image_column]
         # rows are read undecoded and decoded here, so a failure can name the file
         self._image_feature = feature if isinstance(feature, datasets.Image) and feature.decode else None
+        self._rows = split
+        self._columns = None
         if self._image_feature is not None:
             self._rows = split.cast_column(image_column, datasets.Image(mode=feature.mode, decode=False))
-        else:
-            self._rows = split
+            if getattr(self._rows, "_indices", None) is None:  # rows are the table's rows: read them from Arrow
+                table = self._rows.data  # (a fifth of the per-image overhead of Dataset.__getitem__)
+                self._columns = (table.column(image_column), table.column(label_column))
         self._bad = torch.zeros(len(split), dtype=torch.bool).share_memory_() if skip_corrupt else None
 
     def __len__(self) -> int:
@@ -369,9 +379,7 @@ class ImageDataset(Dataset):
 
     def describe(self, index: int) -> str:
         """Row ``index`` as a user finds it: its file path where the data set records one."""
-        path = None
-        if self._image_feature is not None:
-            path = (self._rows[index][self.image_column] or {}).get("path")
+        path = (self._row(index)[0] or {}).get("path") if self._image_feature is not None else None
         return str(path) if path else f"row {index}"
 
     def skipped(self) -> list[str]:
@@ -380,12 +388,18 @@ class ImageDataset(Dataset):
             return []
         return [self.describe(int(i)) for i in torch.nonzero(self._bad).flatten()]
 
-    def _read(self, index: int) -> tuple[Any, int]:
+    def _row(self, index: int) -> tuple[Any, int]:
+        """The image value (undecoded where the column is an ``Image`` feature) and the label of row ``index``."""
+        if self._columns is not None:
+            images, labels = self._columns
+            return images[index].as_py(), int(labels[index].as_py())
         row = self._rows[index]
-        label = int(row[self.label_column])
+        return row[self.image_column], int(row[self.label_column])
+
+    def _read(self, index: int) -> tuple[Any, int]:
+        value, label = self._row(index)
         if self._image_feature is None:
-            return row[self.image_column].convert("RGB"), label
-        value = row[self.image_column]
+            return value.convert("RGB"), label
         try:
             with _truncated_images(self.load_truncated):
                 return self._image_feature.decode_example(value).convert("RGB"), label
