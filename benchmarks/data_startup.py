@@ -8,17 +8,21 @@ one process:
    sampler): dynvit's ``build_dataloader`` against timm's ``ImageDataset``
    + ``create_loader``. Each run starts from an empty scan cache, as a new
    process does; runs alternate between the two;
-2. loader throughput: images/s through the same DeiT training transforms
-   (built once by dynvit and given to both loaders) with the same batch size
-   and number of worker processes, after the workers' first batch; rounds
-   alternate between the two loaders.
+2. loader throughput: one epoch over the first ``--images`` images through
+   the same DeiT training transforms (built once by dynvit and given to both
+   loaders), with the same batch size and number of worker processes,
+   worker start included; rounds alternate between the two loaders. Two
+   figures: images per second of wall-clock time, and images per second of
+   a worker's CPU time (the workers' user + system time, read when they
+   exit), which is what one worker turns out on a core of its own, and
+   which other work on a shared machine does not disturb.
 
 Optionally (``--load-dataset``, minutes) also the former start-up through
 ``datasets.load_dataset("imagefolder")``, first and cached::
 
     python benchmarks/data_startup.py                      # 100k files, 2 workers (about 3 min on 2 cores)
     python benchmarks/data_startup.py --files 20000 --load-dataset
-    python benchmarks/data_startup.py --root /data/imagenet --batches 50   # an existing folder, nothing generated
+    python benchmarks/data_startup.py --root /data/imagenet --images 6400   # an existing folder, nothing generated
 """
 
 from __future__ import annotations
@@ -63,15 +67,17 @@ def generate(root: Path, files: int, classes: int, size: int) -> float:
     return time.perf_counter() - start
 
 
-def dynvit_loader(recipe, workers: int, batch: int):
-    """dynvit's training loader, from an empty scan cache (a new process)."""
+def dynvit_loader(recipe, workers: int, batch: int, images: int | None = None):
+    """dynvit's training loader (over the first ``images`` images), from an empty scan cache (a new process)."""
     imagefolder._scan.cache_clear()
-    return build_dataloader(recipe, "train", train=True, batch_size=batch)
+    return build_dataloader(recipe, "train", train=True, batch_size=batch, limit=images)
 
 
-def timm_loader(root: Path, recipe, workers: int, batch: int, transform: Callable):
-    """timm's loader over the same folder; its transform replaced by the very one dynvit uses."""
+def timm_loader(root: Path, recipe, workers: int, batch: int, transform: Callable, images: int | None = None):
+    """timm's loader over the same folder (its first ``images`` images), with the very transform dynvit uses."""
     dataset = ImageDataset(str(root / "train"))
+    if images is not None:
+        dataset.reader.samples = dataset.reader.samples[:images]
     loader = create_loader(
         dataset,
         input_size=(3, int(recipe.model.image_size), int(recipe.model.image_size)),
@@ -92,17 +98,18 @@ def timed(build: Callable) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def throughput(loader, batches: int, epoch: int) -> float:
-    """Images per second over ``batches`` batches, counted from the first batch (workers started and warm)."""
+def throughput(loader, epoch: int) -> tuple[float, float]:
+    """One epoch: images per wall-clock second, and per second of a worker's CPU time."""
     set_epoch(loader, epoch)
-    iterator = iter(loader)
-    next(iterator)
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(iterator)[0].shape[0]
-    rate = images / (time.perf_counter() - start)
-    del iterator
-    return rate
+    before, start = os.times(), time.perf_counter()
+    images = sum(batch[0].shape[0] for batch in loader)  # the workers exit (and are reaped) at the epoch's end
+    wall = time.perf_counter() - start
+    after = os.times()
+    if loader.num_workers:
+        cpu = after.children_user - before.children_user + after.children_system - before.children_system
+    else:
+        cpu = after.user - before.user + after.system - before.system
+    return images / wall, images / cpu
 
 
 def main() -> None:
@@ -114,7 +121,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="lfvit_deit_s", help="whose image size and augmentation (default DeiT-S)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for both (default 2)")
     parser.add_argument("--batch", type=int, default=64, help="batch size for both (default 64)")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per throughput round (default 20)")
+    parser.add_argument("--images", type=int, default=1280, help="images per throughput round (default 1280)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each measurement (default 3)")
     parser.add_argument("--load-dataset", action="store_true", help="also time datasets.load_dataset (slow)")
     args = parser.parse_args()
@@ -153,14 +160,15 @@ def main() -> None:
             raise SystemExit(f"the loaders see different folders: {sizes}")
         files = sizes["dynvit"]
 
+        images = args.images // args.batch * args.batch  # whole batches: every image is read
         loaders = {
-            "dynvit": dynvit_loader(recipe, args.workers, args.batch),
-            "timm": timm_loader(root, recipe, args.workers, args.batch, transform),
+            "dynvit": dynvit_loader(recipe, args.workers, args.batch, images),
+            "timm": timm_loader(root, recipe, args.workers, args.batch, transform, images),
         }
-        rates: dict[str, list[float]] = {"dynvit": [], "timm": []}
+        rates: dict[str, list[tuple[float, float]]] = {"dynvit": [], "timm": []}
         for r in range(args.rounds):
             for name, loader in loaders.items():
-                rates[name].append(throughput(loader, args.batches, epoch=r))
+                rates[name].append(throughput(loader, epoch=r))
 
         hf: dict[str, float] = {}
         if args.load_dataset:
@@ -179,7 +187,7 @@ def main() -> None:
             f"\n{now}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
             f"{torch.__version__}; {files} training images, {len(classes)} classes; {args.recipe} training "
             f"transforms at {recipe.model.image_size} px, batch {args.batch}, {args.workers} worker(s); "
-            f"median of {args.rounds} alternating rounds"
+            f"medians of {args.rounds} alternating rounds"
         )
         print("\nstart-up (folder scan to a training loader):")
         base = statistics.median(startup["timm"])
@@ -189,15 +197,21 @@ def main() -> None:
                 f"  {name:<24} {median:8.3f} s  {median / files * 1e3:.4f} ms/file  {median / base:5.2f}x timm's"
                 f"  (runs: {', '.join(f'{v:.3f}' for v in values)})"
             )
-        for name, seconds in hf.items():
-            print(f"  {name:<24} {seconds:8.3f} s  {seconds / files * 1e3:.4f} ms/file  {seconds / base:5.2f}x timm's")
-        print(f"\nloader throughput (images/s through the training transforms, {args.batches} batches a round):")
-        base = statistics.median(rates["timm"])
-        for name, values in rates.items():
-            median = statistics.median(values)
+        read = files + len(imagefolder.scan_folder(imagefolder.split_folder(root, "validation")).paths)
+        for name, seconds in hf.items():  # it reads train/ and val/
             print(
-                f"  {name:<24} {median:8.1f} img/s  {median / args.workers:7.1f} img/s per worker  "
-                f"{median / base:5.2f}x timm's  (rounds: {', '.join(f'{v:.0f}' for v in values)})"
+                f"  {name:<24} {seconds:8.3f} s  {seconds / read * 1e3:.4f} ms/file  {seconds / base:5.2f}x timm's"
+                f"  ({read} files: train/ and val/)"
+            )
+        print(f"\nloader throughput (an epoch of {images} images through the training transforms, workers started):")
+        base_wall = statistics.median(wall for wall, _ in rates["timm"])
+        base_cpu = statistics.median(cpu for _, cpu in rates["timm"])
+        for name, values in rates.items():
+            wall, cpu = statistics.median(w for w, _ in values), statistics.median(c for _, c in values)
+            print(
+                f"  {name:<8} {wall:7.1f} img/s ({wall / base_wall:4.2f}x timm's)   per worker: {cpu:7.1f} img/s of "
+                f"CPU time ({cpu / base_cpu:4.2f}x timm's)   (rounds, wall/CPU: "
+                f"{', '.join(f'{w:.0f}/{c:.0f}' for w, c in values)})"
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -109,6 +109,12 @@ def test_images_in_subfolders_belong_to_their_class_folder(tmp_path):
     ]
 
 
+def test_a_split_with_fewer_class_folders_keeps_the_training_labels(tmp_path):
+    root = make_image_folder(tmp_path / "folder", {"train": ["a", "b", "c"], "test": ["c"]}, per_class=2)
+    split = folder_split(root, "test", training_classes(root))
+    assert split["label"] == [2, 2] and split.features["label"].names == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize(
     ("change", "split", "message"),
     [

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 
 from dynvit.data.errors import DataError
@@ -83,8 +84,8 @@ class FolderScan:
 
     folder: Path
     classes: tuple[str, ...]  # class folder names, sorted
-    paths: tuple[str, ...]  # absolute image paths, sorted as strings
-    labels: tuple[int, ...]  # index into ``classes`` of each path's class folder
+    paths: pa.StringArray  # absolute image paths, sorted as strings (Arrow: ImageNet's 1.33 M in ~70 MB)
+    labels: np.ndarray  # int64: index into ``classes`` of each path's class folder
     loose: tuple[str, ...]  # images directly in the split folder, outside any class folder
 
 
@@ -101,7 +102,7 @@ def scan_folder(folder: Path) -> FolderScan:
 
     A run reads each split several times, so scans are cached, keyed by the
     modification times of the split folder and its class folders: adding or
-    removing an image or a class folder starts a new scan.
+    removing a class folder or an image directly in one starts a new scan.
     """
     with os.scandir(folder) as entries:
         stamps = tuple(sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir()))
@@ -127,8 +128,8 @@ def _scan(folder: Path, stamp: tuple) -> FolderScan:
     return FolderScan(
         folder=folder,
         classes=tuple(classes),
-        paths=tuple(path for path, _ in rows),
-        labels=tuple(label for _, label in rows),
+        paths=pa.array([path for path, _ in rows], pa.string()),
+        labels=np.fromiter((label for _, label in rows), dtype=np.int64, count=len(rows)),
         loose=tuple(sorted(loose)),
     )
 
@@ -152,9 +153,7 @@ def check_classes(scan: FolderScan, split: str) -> list[str]:
             f"{folder} ({split!r} split) holds {len(names)} image(s) outside the class folders ({_shown(names, 3)}); "
             "move them into their class folder or delete them"
         )
-    counts = [0] * len(scan.classes)
-    for label in scan.labels:
-        counts[label] += 1
+    counts = np.bincount(scan.labels, minlength=len(scan.classes))
     empty = [name for name, count in zip(scan.classes, counts) if count == 0]
     if empty:
         shown_extensions = ", ".join(sorted(image_extensions())[:6])
@@ -177,25 +176,24 @@ def folder_split(root: str | Path, split: str, classes: list[str]) -> datasets.D
     split shares one ``ClassLabel``.
     """
     scan = scan_folder(split_folder(_absolute(root), split))
-    if not scan.paths:
+    if len(scan.paths) == 0:
         raise DataError(
             f"{scan.folder} ({split!r} split) holds no images; add images to its class folders, "
             "or point the recipe at another split"
         )
     if scan.loose:
         check_classes(scan, split)  # names the loose images
-    unknown = sorted(set(scan.classes[label] for label in scan.labels) - set(classes))
+    unknown = sorted({scan.classes[label] for label in np.unique(scan.labels)} - set(classes))
     if unknown:
         raise DataError(
             f"{scan.folder} ({split!r} split) has class folder(s) the training split lacks: {_shown(unknown)}; "
             "every split must use the training split's class folders"
         )
-    index = {name: i for i, name in enumerate(classes)}
-    relabel = [index[name] for name in scan.classes] if tuple(classes) != scan.classes else None
-    labels = scan.labels if relabel is None else [relabel[label] for label in scan.labels]
-    image = pa.StructArray.from_arrays(
-        [pa.nulls(len(scan.paths), pa.binary()), pa.array(scan.paths, pa.string())], names=["bytes", "path"]
-    )
+    labels = scan.labels
+    if tuple(classes) != scan.classes:  # a split with fewer class folders: the training split's numbering
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.array([index.get(name, -1) for name in scan.classes], dtype=np.int64)[labels]
+    image = pa.StructArray.from_arrays([pa.nulls(len(scan.paths), pa.binary()), scan.paths], names=["bytes", "path"])
     table = pa.table({"image": image, "label": pa.array(labels, pa.int64())})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), split=split)

@@ -402,7 +402,8 @@ class ImageDataset(Dataset):
             return value.convert("RGB"), label
         try:
             with _truncated_images(self.load_truncated):
-                return self._image_feature.decode_example(value).convert("RGB"), label
+                image = self._image_feature.decode_example(value)
+                return (image if image.mode == "RGB" else image.convert("RGB")), label  # RGB: no copy
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
             reason = _one_line(exc)
             hint = "; data.load_truncated=true decodes truncated files with the missing part grey" * (
