@@ -7,11 +7,11 @@ one process:
 1. start-up: from nothing to a training loader (folder scan, data set,
    sampler): dynvit's ``build_dataloader`` against timm's ``ImageDataset``
    + ``create_loader``. Each run starts from an empty scan cache, as a new
-   process does; runs alternate between the two;
+   process does; runs alternate between the two (ABBA order);
 2. loader throughput: one epoch over the first ``--images`` images through
    the same DeiT training transforms (built once by dynvit and given to both
    loaders), with the same batch size and number of worker processes,
-   worker start included; rounds alternate between the two loaders. Two
+   worker start included; rounds alternate between the two loaders (ABBA). Two
    figures: images per second of wall-clock time, and images per second of
    a worker's CPU time (the workers' user + system time, read when they
    exit), which is what one worker turns out on a core of its own, and
@@ -92,6 +92,12 @@ def timm_loader(root: Path, recipe, workers: int, batch: int, transform: Callabl
     return loader
 
 
+def alternating(names: dict, round_: int) -> list[str]:
+    """The names in order on even rounds and reversed on odd ones, so neither side always goes first."""
+    order = list(names)
+    return order if round_ % 2 == 0 else order[::-1]
+
+
 def timed(build: Callable) -> tuple[float, object]:
     start = time.perf_counter()
     result = build()
@@ -149,13 +155,15 @@ def main() -> None:
 
         startup: dict[str, list[float]] = {"dynvit": [], "timm": []}
         sizes = {}
-        for _ in range(args.rounds):
-            seconds, loader = timed(lambda: dynvit_loader(recipe, args.workers, args.batch))
-            startup["dynvit"].append(seconds)
-            sizes["dynvit"] = len(loader.dataset)
-            seconds, loader = timed(lambda: timm_loader(root, recipe, args.workers, args.batch, transform))
-            startup["timm"].append(seconds)
-            sizes["timm"] = len(loader.dataset)
+        builders = {
+            "dynvit": lambda: dynvit_loader(recipe, args.workers, args.batch),
+            "timm": lambda: timm_loader(root, recipe, args.workers, args.batch, transform),
+        }
+        for r in range(args.rounds):
+            for name in alternating(builders, r):
+                seconds, loader = timed(builders[name])
+                startup[name].append(seconds)
+                sizes[name] = len(loader.dataset)
         if sizes["dynvit"] != sizes["timm"]:
             raise SystemExit(f"the loaders see different folders: {sizes}")
         files = sizes["dynvit"]
@@ -167,8 +175,8 @@ def main() -> None:
         }
         rates: dict[str, list[tuple[float, float]]] = {"dynvit": [], "timm": []}
         for r in range(args.rounds):
-            for name, loader in loaders.items():
-                rates[name].append(throughput(loader, epoch=r))
+            for name in alternating(loaders, r):
+                rates[name].append(throughput(loaders[name], epoch=r))
 
         hf: dict[str, float] = {}
         if args.load_dataset:
