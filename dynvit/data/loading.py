@@ -185,8 +185,8 @@ def validate_data(recipe: DictConfig) -> list[str]:
 
     Catches an empty folder or split, a single class, train/val class lists
     that differ and a class count the model's head does not have. Images are
-    not decoded here (ImageNet would take hours): an unreadable one is found
-    when a worker reads it.
+    not decoded here (that would be a pass over the whole data set): an
+    unreadable one is found when a worker reads it.
     """
     data = recipe.data
     if data.source not in SOURCES:

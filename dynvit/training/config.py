@@ -23,7 +23,7 @@ class DataConfig:
     # disk: `path` is a DatasetDict written by `datasets.Dataset.save_to_disk`
     source: str = "quickstart"
     path: str | None = None
-    cache_dir: str | None = None  # Hugging Face / quickstart cache; None: their defaults
+    cache_dir: str | None = None  # quickstart cache; None: its default (imagefolder data is scanned, not cached)
     train_split: str = "train"
     val_split: str = "validation"  # the imagefolder builder names the val/ folder "validation"
     image_column: str = "image"
