@@ -407,7 +407,7 @@ class ImageDataset(Dataset):
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
             reason = _one_line(exc)
             hint = "; data.load_truncated=true decodes truncated files with the missing part grey" * (
-                "truncated" in reason
+                "image file is truncated" in reason
             )
             raise _Unreadable(
                 f"cannot decode {self.describe(index)} in the {self.split_name!r} split ({reason}); replace or "
