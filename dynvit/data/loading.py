@@ -3,8 +3,8 @@
 Three sources, named by ``data.source`` in a recipe:
 
 - ``imagefolder``: ``data.path`` in the ImageNet layout, ``train/<class>/*.JPEG``
-  and ``val/<class>/*.JPEG``, read by the ``imagefolder`` builder (cached as
-  Arrow by ``datasets`` on first use);
+  and ``val/<class>/*.JPEG``, listed by one directory scan
+  (:mod:`dynvit.data.imagefolder`: seconds for ImageNet, nothing cached);
 - ``disk``: a ``DatasetDict`` written by ``save_to_disk`` (``load_from_disk``);
 - ``quickstart``: the embedded data set of :mod:`dynvit.data.quickstart`.
 
@@ -12,12 +12,18 @@ Decoding and augmentation run in the DataLoader workers. Training shards are
 disjoint across ranks and every draw carries its own augmentation seed, so the
 images a step sees depend only on ``(train.seed, epoch, position)``: a resumed
 run replays them exactly, whatever the number of workers or processes.
+
+An image that cannot be decoded stops the run with a :class:`DataError`
+naming the file and the split (also from inside a worker process), unless
+``data.skip_corrupt`` is set: then it is replaced by the next readable image
+of the split, a warning names it, and :func:`skipped_images` lists them.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import json
+import logging
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,65 +35,32 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from dynvit.errors import DynvitError
+from dynvit.data.errors import DataError
+from dynvit.data.imagefolder import folder_split, training_classes
 
 SOURCES = ("quickstart", "imagefolder", "disk")
-# split name -> folder names the imagefolder builder maps to it
-SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation", "valid"), "test": ("test",)}
 
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "ShardSampler",
+    "build_dataloader",
+    "build_transform",
+    "check_imagefolder",
+    "class_names",
+    "load_split",
+    "set_epoch",
+    "shard_range",
+    "skipped_images",
+    "validate_data",
+]
 
-class DataError(DynvitError, ValueError):
-    """Data that cannot be used with a recipe; the message names the problem and the fix."""
+logger = logging.getLogger(__name__)
 
 
 # -- sources ---------------------------------------------------------------------
-
-
-def _image_extensions() -> set[str]:
-    try:
-        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-        return {e.lower() for e in ImageFolder.EXTENSIONS}
-    except (ImportError, AttributeError):
-        from PIL import Image
-
-        return {e.lower() for e in Image.registered_extensions()}
-
-
-def _split_folder(root: Path, split: str) -> Path:
-    for name in SPLIT_FOLDERS.get(split, (split,)):
-        if (root / name).is_dir():
-            return root / name
-    expected = " or ".join(f"{root / n}/" for n in SPLIT_FOLDERS.get(split, (split,)))
-    raise DataError(
-        f"data.path={root} has no folder for the {split!r} split (expected {expected}); "
-        "use the ImageNet layout: PATH/train/<class>/*.JPEG and PATH/val/<class>/*.JPEG"
-    )
-
-
-def _has_image(folder: Path, extensions: set[str]) -> bool:
-    walk = (files for _, _, files in os.walk(folder))
-    return any(os.path.splitext(f)[1].lower() in extensions for files in walk for f in files)
-
-
-def _folder_classes(folder: Path) -> list[str]:
-    """Class folders of one split, after checking that each holds at least one image."""
-    extensions = _image_extensions()
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
-        loose = _has_image(folder, extensions)
-        what = "images but no class folders" if loose else "no images"
-        raise DataError(f"{folder} holds {what}; put each class's images in their own folder: {folder}/<class>/<image>")
-    empty = [c for c in classes if not _has_image(folder / c, extensions)]
-    if empty:
-        shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
-        raise DataError(
-            f"{folder}: no images in the class folder(s) {shown} (looked for {', '.join(sorted(extensions)[:6])}...); "
-            "add images or remove the empty folders"
-        )
-    return classes
 
 
 def check_imagefolder(root: str | Path, splits: tuple[str, ...] = ("train", "validation")) -> list[str]:
@@ -95,7 +68,7 @@ def check_imagefolder(root: str | Path, splits: tuple[str, ...] = ("train", "val
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.path={root} does not exist; point data.path at a folder with train/ and val/")
-    found = {split: _folder_classes(_split_folder(root, split)) for split in splits}
+    found = {split: training_classes(root, split) for split in splits}
     reference_split, reference = next(iter(found.items()))
     for split, classes in found.items():
         if classes != reference:
@@ -114,42 +87,78 @@ def check_imagefolder(root: str | Path, splits: tuple[str, ...] = ("train", "val
 
 
 @functools.lru_cache(maxsize=4)
-def _load_source(source: str, path: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+def _load_source(source: str, path: str | None, cache_dir: str | None) -> tuple[datasets.DatasetDict, frozenset[str]]:
+    """The data set and the names of its splits saved with no rows (which ``load_from_disk`` cannot load)."""
     if source == "quickstart":
         from dynvit.data.quickstart import load_quickstart
 
-        return load_quickstart(cache_dir=cache_dir)
+        return load_quickstart(cache_dir=cache_dir), frozenset()
     if path is None:
         raise DataError(f"data.source={source} needs data.path")
-    if source == "imagefolder":
-        return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
     if source == "disk":
         if not Path(path).is_dir():
             raise DataError(f"data.path={path} does not exist; give the folder written by DatasetDict.save_to_disk")
+        empty = _empty_saved_splits(Path(path))
+        if empty:
+            splits = json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]
+            loaded = {split: datasets.load_from_disk(str(Path(path) / split)) for split in splits if split not in empty}
+            return datasets.DatasetDict(loaded), frozenset(empty)
         loaded = datasets.load_from_disk(path)
         if not isinstance(loaded, datasets.DatasetDict):
             raise DataError(
                 f"{path} holds a single Dataset; save a DatasetDict with train and validation splits "
                 "(DatasetDict({'train': ..., 'validation': ...}).save_to_disk(path))"
             )
-        return loaded
+        return loaded, frozenset()
     raise DataError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
 
 
+def _empty_saved_splits(root: Path) -> set[str]:
+    """Splits of a saved ``DatasetDict`` written with no data files: 0 rows."""
+    try:
+        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        states = {split: json.loads((root / split / "state.json").read_text()) for split in splits}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # not a DatasetDict folder; load_from_disk says what it is
+    return {split for split, state in states.items() if not state.get("_data_files")}
+
+
 def load_split(recipe: DictConfig, split: str) -> datasets.Dataset:
-    """One split of the recipe's data set, with only the image and label columns."""
+    """One split of the recipe's data set, with only the image and label columns.
+
+    ``imagefolder`` data is scanned, not converted: the split is an in-memory
+    ``Dataset`` of paths whose images decode when a row is read.
+    """
     data = recipe.data
-    if data.source == "imagefolder" and data.path is not None:
-        _split_folder(Path(data.path), split)
-    dsd = _load_source(str(data.source), data.path, data.cache_dir)
+    if data.source == "imagefolder":
+        if data.path is None:
+            raise DataError("data.source=imagefolder needs data.path: a folder with train/ and val/ class folders")
+        if not Path(data.path).is_dir():
+            raise DataError(f"data.path={data.path} does not exist; point data.path at a folder with train/ and val/")
+        classes = training_classes(data.path, data.train_split)
+        return folder_split(data.path, split, classes)
+    dsd, empty = _load_source(str(data.source), data.path, data.cache_dir)
+    where = f" at {data.path}" if data.path is not None else ""
+    if split in empty:
+        raise DataError(
+            f"the {split!r} split of the {data.source} data set{where} has no images (0 rows); "
+            "save it again with images in it, or point the recipe at another split"
+        )
     if split not in dsd:
-        raise DataError(f"the {data.source} data set has no split {split!r}; its splits are {', '.join(dsd)}")
+        raise DataError(
+            f"the {data.source} data set has no split {split!r}; its splits are {', '.join([*dsd, *sorted(empty)])}"
+        )
     ds = dsd[split]
     missing = [c for c in (data.image_column, data.label_column) if c not in ds.column_names]
     if missing:
         raise DataError(
             f"split {split!r} has no column(s) {', '.join(missing)} (columns: {', '.join(ds.column_names)}); "
             "set data.image_column / data.label_column"
+        )
+    if len(ds) == 0:
+        raise DataError(
+            f"the {split!r} split of the {data.source} data set{where} has no images (0 rows); "
+            "save it again with images in it, or point the recipe at another split"
         )
     return ds.select_columns([data.image_column, data.label_column])
 
@@ -174,8 +183,10 @@ def class_names(recipe: DictConfig) -> list[str]:
 def validate_data(recipe: DictConfig) -> list[str]:
     """Check the recipe's data before training; returns the class names.
 
-    Catches an empty folder, train/val class lists that differ and a
-    class count the model's head does not have.
+    Catches an empty folder or split, a single class, train/val class lists
+    that differ and a class count the model's head does not have. Images are
+    not decoded here (that would be a pass over the whole data set): an
+    unreadable one is found when a worker reads it.
     """
     data = recipe.data
     if data.source not in SOURCES:
@@ -186,10 +197,7 @@ def validate_data(recipe: DictConfig) -> list[str]:
             raise DataError("data.source=imagefolder needs data.path: a folder with train/ and val/ class folders")
         names = check_imagefolder(data.path, splits)
     else:
-        loaded = [load_split(recipe, split) for split in splits]
-        for split, ds in zip(splits, loaded):
-            if len(ds) == 0:
-                raise DataError(f"split {split!r} of the {data.source} data set has no images")
+        loaded = [load_split(recipe, split) for split in splits]  # an empty split raises here
         names_per_split = [_label_names(ds, data.label_column) for ds in loaded]
         if names_per_split[0] != names_per_split[1]:
             raise DataError(
@@ -197,6 +205,11 @@ def validate_data(recipe: DictConfig) -> list[str]:
                 f"{names_per_split[1]}); both splits must use the same ClassLabel feature"
             )
         names = class_names(recipe)
+        if len(names) < 2:
+            raise DataError(
+                f"the {data.source} data set has a single class ({', '.join(names)}); a classifier needs at least "
+                "two classes: add images of the other classes"
+            )
     num_classes = recipe.model.backbone.get("num_classes")
     if num_classes is not None and int(num_classes) != len(names):
         raise DataError(
@@ -267,43 +280,172 @@ def _patch_posterize(transform: Any) -> None:
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Seed python, numpy and torch for one sample's augmentation, then restore the caller's streams."""
-    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Seed python, numpy and torch's CPU generator for one sample's augmentation.
+
+    timm's transforms draw from exactly these (crops and RandAugment from
+    ``random``, RandAugment's op choice from ``numpy``, flips and random
+    erasing from torch on the CPU). In the training process
+    (``data.num_workers=0``) the three are restored afterwards, so the
+    trainer's own draws (mixup, dropout on the CPU) go on as if no image had
+    been read. CUDA's generators are neither seeded nor touched:
+    ``torch.manual_seed`` would reseed them, resetting a GPU run's dropout
+    and drop-path stream at every sample. In a DataLoader worker the streams
+    serve only this loop and restoring them would cost about a tenth of a
+    millisecond a sample, so they are left seeded.
+    """
+    restore = get_worker_info() is None
+    if restore:
+        py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(pt)
+        if restore:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_rng_state(pt)
+
+
+@contextmanager
+def _truncated_images(allowed: bool) -> Iterator[None]:
+    """Let PIL decode truncated files (grey where data is missing) only if asked, whatever the process set."""
+    from PIL import ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = allowed
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class ImageDataset(Dataset):
     """A ``datasets.Dataset`` split decoded and transformed on access (in the DataLoader workers).
 
     A key is an index, or ``(index, seed)`` from :class:`ShardSampler`, in
-    which case the augmentation runs under that seed.
+    which case the augmentation runs under that seed. An image that does not
+    decode raises :class:`DataError` naming it and ``split_name``; with
+    ``skip_corrupt`` the next readable image of the split (and its label)
+    stands in for it, so the epoch's length, order and seeds do not change.
+    Skipped rows are marked in shared memory, so the training process sees
+    those its workers found (:meth:`skipped`).
     """
 
-    def __init__(self, split: datasets.Dataset, transform: Callable, image_column: str, label_column: str) -> None:
+    def __init__(
+        self,
+        split: datasets.Dataset,
+        transform: Callable,
+        image_column: str,
+        label_column: str,
+        split_name: str = "",
+        skip_corrupt: bool = False,
+        load_truncated: bool = False,
+    ) -> None:
         self.split = split
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
+        self.split_name = split_name
+        self.skip_corrupt = skip_corrupt
+        self.load_truncated = load_truncated
+        feature = split.features[image_column]
+        # rows are read undecoded and decoded here, so a failure can name the file
+        self._image_feature = feature if isinstance(feature, datasets.Image) and feature.decode else None
+        self._rows = split
+        self._columns = None
+        if self._image_feature is not None:
+            self._rows = split.cast_column(image_column, datasets.Image(mode=feature.mode, decode=False))
+            if getattr(self._rows, "_indices", None) is None:  # rows are the table's rows: read them from Arrow
+                table = self._rows.data  # (a fifth of the per-image overhead of Dataset.__getitem__)
+                self._columns = (table.column(image_column), table.column(label_column))
+        self._bad = torch.zeros(len(split), dtype=torch.bool).share_memory_() if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        row = self.split[int(index)]
-        image = row[self.image_column].convert("RGB")
+        image, label = self._read_or_skip(int(index))
         if seed is None:
-            return self.transform(image), int(row[self.label_column])
+            return self.transform(image), label
         with _seeded(int(seed)):
-            return self.transform(image), int(row[self.label_column])
+            return self.transform(image), label
+
+    def describe(self, index: int) -> str:
+        """Row ``index`` as a user finds it: its file path where the data set records one."""
+        path = (self._row(index)[0] or {}).get("path") if self._image_feature is not None else None
+        return str(path) if path else f"row {index}"
+
+    def skipped(self) -> list[str]:
+        """The rows skipped as unreadable so far, by this process and its workers."""
+        if self._bad is None:
+            return []
+        return [self.describe(int(i)) for i in torch.nonzero(self._bad).flatten()]
+
+    def _row(self, index: int) -> tuple[Any, int]:
+        """The image value (undecoded where the column is an ``Image`` feature) and the label of row ``index``."""
+        if self._columns is not None:
+            images, labels = self._columns
+            return images[index].as_py(), int(labels[index].as_py())
+        row = self._rows[index]
+        return row[self.image_column], int(row[self.label_column])
+
+    def _read(self, index: int) -> tuple[Any, int]:
+        value, label = self._row(index)
+        if self._image_feature is None:
+            return value.convert("RGB"), label
+        try:
+            with _truncated_images(self.load_truncated):
+                image = self._image_feature.decode_example(value)
+                return (image if image.mode == "RGB" else image.convert("RGB")), label  # RGB: no copy
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            reason = _one_line(exc)
+            hint = "; data.load_truncated=true decodes truncated files with the missing part grey" * (
+                "image file is truncated" in reason
+            )
+            raise _Unreadable(
+                f"cannot decode {self.describe(index)} in the {self.split_name!r} split ({reason}); replace or "
+                f"delete the file, or set data.skip_corrupt=true to skip unreadable images{hint}"
+            ) from None
+
+    def _read_or_skip(self, index: int) -> tuple[Any, int]:
+        if self._bad is None:
+            return self._read(index)
+        size = len(self.split)
+        for step in range(size):
+            candidate = (index + step) % size
+            if self._bad[candidate]:
+                continue
+            try:
+                return self._read(candidate)
+            except _Unreadable as exc:
+                self._bad[candidate] = True
+                logger.warning(
+                    "skipped an unreadable image (data.skip_corrupt=true), %s image(s) of the %r split so far: %s",
+                    int(self._bad.sum()),
+                    self.split_name,
+                    str(exc).split("; replace or delete")[0],
+                )
+        raise DataError(
+            f"none of the {size} images of the {self.split_name!r} split could be decoded; "
+            "check the files (for example with PIL.Image.open(path).load())"
+        )
+
+
+class _Unreadable(DataError):
+    """An image that does not decode (a :class:`DataError`, told apart so skipping catches only these)."""
+
+
+def skipped_images(loader: DataLoader) -> list[str]:
+    """Images a loader skipped as unreadable (``data.skip_corrupt``), by path where known; for logs and metrics."""
+    dataset = getattr(loader, "dataset", None)
+    return dataset.skipped() if isinstance(dataset, ImageDataset) else []
 
 
 # -- samplers ---------------------------------------------------------------------------
@@ -378,12 +520,21 @@ def build_dataloader(
     batches dropped; call :func:`set_epoch` before each epoch. ``train=False``:
     evaluation transforms, the rank's contiguous block of the split in order,
     the last batch kept. ``limit`` keeps only the split's first ``limit`` images.
+    ``data.skip_corrupt`` replaces unreadable images (see :class:`ImageDataset`).
     """
     data = recipe.data
     ds = load_split(recipe, split)
     if limit is not None:
         ds = ds.select(range(min(int(limit), len(ds))))
-    dataset = ImageDataset(ds, build_transform(recipe, train), data.image_column, data.label_column)
+    dataset = ImageDataset(
+        ds,
+        build_transform(recipe, train),
+        data.image_column,
+        data.label_column,
+        split_name=split,
+        skip_corrupt=bool(data.skip_corrupt),
+        load_truncated=bool(data.load_truncated),
+    )
     if batch_size is None:
         batch_size = recipe.train.batch_size if train else recipe.eval.batch_size
     if train:

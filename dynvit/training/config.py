@@ -25,12 +25,16 @@ class DataConfig:
     # disk: `path` is a DatasetDict written by `datasets.Dataset.save_to_disk`
     source: str = "quickstart"
     path: str | None = None
-    cache_dir: str | None = None  # Hugging Face / quickstart cache; None: their defaults
+    cache_dir: str | None = None  # quickstart cache; None: its default (imagefolder data is scanned, not cached)
     train_split: str = "train"
     val_split: str = "validation"  # the imagefolder builder names the val/ folder "validation"
     image_column: str = "image"
     label_column: str = "label"
     num_workers: int = 2  # DataLoader worker processes per training process (decoding + augmentation)
+    # an image that does not decode stops the run, naming file and split; true: the next readable image of the
+    # split stands in for it, a warning names it (files are decoded lazily, so this is found mid-epoch)
+    skip_corrupt: bool = False
+    load_truncated: bool = False  # decode truncated image files, PIL filling the missing part with grey
     train_limit: int | None = None  # use only the first N training images (smoke tests)
     val_limit: int | None = None
     # evaluation preprocessing: resize to image_size / crop_pct, centre crop, normalise

@@ -18,13 +18,12 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
@@ -35,7 +34,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dynvit.data.loading import build_dataloader, set_epoch, validate_data
+from dynvit.data.loading import build_dataloader, set_epoch, skipped_images, validate_data
 from dynvit.errors import DynvitError
 from dynvit.pipeline import DynamicPipeline, build_pipeline
 from dynvit.recipe import recipe_to_yaml
@@ -163,8 +162,7 @@ def make_accelerator(cfg: DictConfig, output_dir: Path) -> tuple[Accelerator, Di
         cpu=cfg.cpu or not _has_accelerator(),
         log_with=log_with,
         project_dir=str(output_dir),
-        # the other processes wait at a barrier while the first builds a data cache (ImageNet: minutes)
-        kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
+        kwargs_handlers=[ddp],
     )
     return accelerator, ddp
 
@@ -525,6 +523,8 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
         }
         if ema is not None:
             metrics["val_acc_ema"] = evaluate_stages(accelerator, ema.module, val_loader)[-1]
+        if data.skip_corrupt:  # unreadable images stood in for by the next readable one, over every process
+            metrics["skipped_images"] = len({p for ps in gather_object([skipped_images(train_loader)]) for p in ps})
         metrics |= {
             "img_per_s": images_seen / max(elapsed, 1e-9),
             "epoch_time_s": elapsed,
