@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -75,6 +74,12 @@ class TimmViT(Backbone):
                 f"{arch!r} must have exactly one CLS token and a position table that covers it "
                 "(DeiT/ViT style); distilled, register-token and no_embed_class models are not supported"
             )
+        proj = model.patch_embed.proj
+        if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0):
+            raise ValueError(
+                f"{arch!r} does not embed non-overlapping patches with one convolution (kernel = stride, no padding), "
+                "which embedding only the selected patches needs; use a DeiT/ViT-style architecture"
+            )
         self.model = model
         self.embed_dim = model.embed_dim
         self.num_classes = model.num_classes
@@ -129,16 +134,24 @@ class TimmViT(Backbone):
     # -- tokens ---------------------------------------------------------------
 
     def embed_patches(self, images: Tensor, index: Tensor | None = None) -> Tensor:
+        """Patch embeddings of every patch, or of the patches at ``index`` (B, M), in that order.
+
+        Both run the same convolution: the selected patches are laid side by side in a strip one patch
+        high. A matrix product instead would round differently wherever convolutions and matrix products
+        have their own precision (TF32 is on by default for cuDNN convolutions, off for matmuls), so
+        stage 2 would drift from stage 1 and from timm on a GPU. The strip is also faster on the CPU.
+        """
         proj = self.model.patch_embed.proj
         norm = self.model.patch_embed.norm
         if index is None:
             return norm(proj(images).flatten(2).transpose(1, 2))
-        # embed only the selected patches: the patch projection is a linear map of each patch's pixels
         p = self.patch_size
         b, c, h, w = images.shape
+        m = index.shape[1]
         pixels = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
         pixels = torch.gather(pixels, 1, index.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))
-        return norm(F.linear(pixels, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))
+        strip = pixels.reshape(b, m, c, p, p).permute(0, 2, 3, 1, 4).reshape(b, c, p, m * p)
+        return norm(proj(strip).flatten(2).transpose(1, 2))
 
     def encode(self, tokens: Tensor, cls_position: Tensor, attention_blocks: Sequence[int] = ()) -> BackboneOutput:
         model = self.model

@@ -10,6 +10,46 @@ import torch
 from dynvit import build_pipeline, load_recipe
 
 TINY_RECIPE = Path(__file__).with_name("tiny.yaml")
+
+# Tolerances for two computations of the same quantity (two code paths, two devices, or a reduced precision
+# against float32), as assert_close arguments. The model outputs compared are of order 1 (tiny models from
+# random weights, logits within +-0.5); rtol covers larger values. Each is set well above what was measured on
+# the tiny test models (tests/test_numerics.py) and in proportion to the format's unit roundoff u:
+# - float32, IEEE: u = 6e-8; two kernels differ only in summation order (measured <= 3e-6 on logits).
+# - TF32 (10-bit mantissa for matmul/conv inputs, float32 accumulation and storage): u = 4.9e-4;
+#   emulated TF32 moved tiny-model logits by <= 3e-4, so 2e-3 (about 4u).
+# - bfloat16 autocast (8-bit mantissa): u = 3.9e-3; logits moved by <= 3e-3, so 3e-2 (about 8u).
+# - float16 autocast (10-bit mantissa, float16 storage): u = 4.9e-4, so 5e-3 (about 10u).
+TOLERANCES = {
+    "float32": {"atol": 1e-5, "rtol": 1e-5},
+    "tf32": {"atol": 2e-3, "rtol": 2e-3},
+    "bfloat16": {"atol": 3e-2, "rtol": 3e-2},
+    "float16": {"atol": 5e-3, "rtol": 5e-3},
+}
+
+
+def tf32_enabled(device: str | torch.device = "cpu") -> bool:
+    """Whether float32 convolutions or matmuls on ``device`` may round their inputs to TF32.
+
+    On CUDA, cuDNN convolutions use TF32 by default (``torch.backends.cudnn.allow_tf32``), matmuls when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set. CPU kernels compute float32 in IEEE precision.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+def tolerance(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tf32: bool | None = None
+) -> dict[str, float]:
+    """``atol``/``rtol`` for comparing results computed in ``dtype`` on ``device`` (TF32 as ``tf32``, or as set)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return dict(TOLERANCES[str(dtype).removeprefix("torch.")])
+    if dtype != torch.float32:
+        raise ValueError(f"no tolerance for {dtype}; use float32, bfloat16 or float16")
+    return dict(TOLERANCES["tf32" if (tf32_enabled(device) if tf32 is None else tf32) else "float32"])
+
+
 # the same shrinking as command-line overrides of the quickstart recipe
 TINY = [
     "model.backbone.depth=4",

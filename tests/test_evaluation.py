@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_recipe, tolerance
 from dynvit.plugins.exit_policies import ConfidenceExit, EntropyExit
 from PIL import Image
 
@@ -248,8 +248,8 @@ def test_records_count_every_image_of_uneven_batches_in_order(pipe):
     assert records.images.shape == (10, 3, 64, 64) and torch.equal(records.images, images[:10])
     with torch.no_grad():
         whole = pipe(images)
-    torch.testing.assert_close(records.logits[0], whole.logits[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(records.logits[1], whole.logits[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(records.logits[0], whole.logits[0], **tolerance())
+    torch.testing.assert_close(records.logits[1], whole.logits[1], **tolerance())
     assert torch.equal(records.region, whole.selection.region)
     assert records.kept.shape == whole.selection.kept.shape
     with pytest.raises(ValueError, match="no images"):
