@@ -32,6 +32,7 @@ from dynvit.evaluation import (
     topk_correct,
 )
 from dynvit.evaluation.runner import _paper_region
+from dynvit.evaluation.throughput import synchronizer
 from dynvit.recipe import load_recipe
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "metrics_schema.json"
@@ -280,6 +281,15 @@ def test_throughput_times_both_paths(pipe):
     assert result.speedup == pytest.approx(result.dynamic_images_per_second / result.full_images_per_second)
     assert measure_throughput(pipe, images, eta=1.01, repeats=1, warmup=0).exit_fraction == 0.0
     assert measure_throughput(pipe, images, eta=0.5, repeats=1, warmup=0, amp=True).precision == "bfloat16"
+
+
+def test_the_timer_synchronises_the_device_the_images_are_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    synchronizer(torch.device("cuda", 1))()  # the current device may be cuda:0: it must not be the one waited for
+    assert calls == [torch.device("cuda", 1)]
+    synchronizer(torch.device("cpu"))()
+    assert calls == [torch.device("cuda", 1)]
 
 
 # -- the report end to end ------------------------------------------------------------------
