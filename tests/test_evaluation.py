@@ -433,6 +433,7 @@ def test_paper_points_are_drawn_only_for_the_papers_recipe():
     assert _paper_region(load_recipe("deit_s")) is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_records_and_throughput_on_cuda(pipe):
     cuda = build_pipeline(tiny_recipe(), with_loss=False).cuda().eval()
