@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,31 +72,37 @@ def _node_commands(launcher: str, port: int, overrides: list[str]) -> list[list[
     return [[*launch, "--machine_rank", str(rank), *TRAIN, *overrides] for rank in range(2)]
 
 
-def _run_nodes(commands: list[list[str]], timeout: float = 300) -> list[str]:
+def _run_nodes(commands: list[list[str]], logs: Path, timeout: float = 300) -> list[str]:
     """Start every node's launcher at once and wait for all; a node that fails or hangs stops the others."""
-    nodes = [
-        subprocess.Popen(
-            c, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        for c in commands
-    ]
+    files = [logs / f"node{rank}.log" for rank in range(len(commands))]
+    nodes = []
+    for command, file in zip(commands, files):
+        with file.open("w") as out:  # the child keeps its own descriptor
+            nodes.append(
+                subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+    deadline = time.monotonic() + timeout
     try:
-        logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+        while any(node.poll() is None for node in nodes):
+            if any(node.returncode for node in nodes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         for node in nodes:
             if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)  # the launcher and its workers: their own session
+                os.killpg(node.pid, signal.SIGKILL)  # the launcher and its workers: their own process group
                 node.wait()
-    for node, log in zip(nodes, logs):
-        assert node.returncode == 0, log[-4000:]
-    return logs
+    texts = [file.read_text() for file in files]
+    for node, text in zip(nodes, texts):
+        assert node.returncode == 0, text[-4000:]
+    return texts
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_two_nodes_of_one_process_train_what_one_process_trains(launcher, data, one_process, tmp_path):
     two = tmp_path / "two"
     overrides = tiny_overrides(data, two, *COMMON, "train.batch_size=8")
-    logs = _run_nodes(_node_commands(launcher, _free_port(), overrides))
+    logs = _run_nodes(_node_commands(launcher, _free_port(), overrides), tmp_path)
     assert any("on 2 process(es)" in log for log in logs), logs[0][-2000:]
 
     meta = ckpt.read_meta(two / "checkpoints" / "last")
