@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -32,7 +33,7 @@ from dynvit.evaluation import (
     topk_correct,
 )
 from dynvit.evaluation.runner import _paper_region
-from dynvit.evaluation.throughput import synchronizer
+from dynvit.evaluation.throughput import _autocast, synchronizer
 from dynvit.recipe import load_recipe
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "metrics_schema.json"
@@ -290,6 +291,24 @@ def test_the_timer_synchronises_the_device_the_images_are_on(monkeypatch):
     assert calls == [torch.device("cuda", 1)]
     synchronizer(torch.device("cpu"))()
     assert calls == [torch.device("cuda", 1)]
+
+
+def test_amp_asks_the_images_device_whether_it_has_bfloat16(monkeypatch):
+    # a machine whose cuda:0 has bfloat16 and whose cuda:1 (a pre-Ampere card) has not
+    current = [0]
+
+    @contextlib.contextmanager
+    def on_device(device):
+        saved, current[0] = current[0], torch.device(device).index
+        yield
+        current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: current[0] == 0)
+    assert _autocast(torch.device("cuda", 1), True)[1] == "float16"
+    assert _autocast(torch.device("cuda", 0), True)[1] == "bfloat16"
+    assert _autocast(torch.device("cpu"), True)[1] == "bfloat16"
+    assert current == [0]
 
 
 # -- the report end to end ------------------------------------------------------------------

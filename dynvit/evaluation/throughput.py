@@ -59,10 +59,18 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def _bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` itself (not the current CUDA device) computes in bfloat16."""
+    if device.type != "cuda":
+        return True
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported()
+
+
 def _autocast(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, str]:
     if not enabled:
         return contextlib.nullcontext(), "float32"
-    half = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    half = not _bf16_supported(device)
     dtype = torch.float16 if half else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype), str(dtype).removeprefix("torch.")
 
