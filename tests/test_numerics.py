@@ -224,3 +224,20 @@ def test_bfloat16_autocast_agrees_with_float32_on_cuda():
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     _compare_bfloat16_autocast("cuda")
+
+
+def test_a_vit_whose_patches_overlap_is_refused(monkeypatch):
+    # embedding only the selected patches relies on one patch in, one token out
+    from dynvit.plugins import backbones
+
+    create = backbones.timm.create_model
+
+    def overlapping(*args, **kwargs):
+        model = create(*args, **kwargs)
+        proj = model.patch_embed.proj
+        model.patch_embed.proj = torch.nn.Conv2d(3, proj.out_channels, 2 * proj.kernel_size[0], proj.stride, 4)
+        return model
+
+    monkeypatch.setattr(backbones.timm, "create_model", overlapping)
+    with pytest.raises(ValueError, match="non-overlapping patches"):
+        backbones.TimmViT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10, image_size=64)
