@@ -7,10 +7,14 @@ alone (cuDNN's default on Ampere and Hopper) or for matmuls too, so these tests 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES, tiny_recipe, tolerance
+from dynvit.plugins import backbones
+from dynvit.plugins.backbones import _matmul_rounds_like_conv
 from dynvit.plugins.selectors import window_sums
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -80,6 +84,36 @@ def test_selected_patches_embed_like_the_whole_image_under_cudnn_tf32(tiny_pipel
     # a matrix product would have rounded differently: a TF32-sized gap the float32 tolerance rejects
     assert (matmul - expected).abs().max() > 10 * TOLERANCES["float32"]["atol"]
     torch.testing.assert_close(matmul, expected, **tolerance(tf32=True))
+
+
+def test_the_matmul_shortcut_is_taken_only_where_it_rounds_like_the_convolution(monkeypatch):
+    def images(device: str, dtype: torch.dtype = torch.float32) -> SimpleNamespace:
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    # on CUDA, float32: only IEEE float32 on both sides rounds alike (measured on an H100: TF32 convolution
+    # against float32 matmul 9.4e-4 apart, both TF32 1.7e-4 apart, both float32 0)
+    for conv_tf32, matmul_tf32, alike in [
+        (True, False, False),
+        (True, True, False),
+        (False, True, False),
+        (False, False, True),
+    ]:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", conv_tf32)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", matmul_tf32)
+        assert _matmul_rounds_like_conv(images("cuda")) is alike
+        assert _matmul_rounds_like_conv(images("cuda", torch.bfloat16))  # 16-bit products on both sides
+        assert not _matmul_rounds_like_conv(images("cpu"))  # the CPU: the convolution is faster
+
+
+def test_the_matmul_shortcut_embeds_like_the_convolution_in_float32(tiny_pipeline, images, monkeypatch):
+    backbone = tiny_pipeline.backbone
+    index = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:20] for i in range(6)])
+    with torch.no_grad():
+        convolution = backbone.embed_patches(images, index)
+        monkeypatch.setattr(backbones, "_matmul_rounds_like_conv", lambda images: True)
+        matmul = backbone.embed_patches(images, index)
+    assert not torch.equal(matmul, convolution)  # really the other path
+    torch.testing.assert_close(matmul, convolution, **tolerance())
 
 
 def test_whole_image_stage2_equals_plain_timm_under_cudnn_tf32(images):
@@ -228,8 +262,6 @@ def test_bfloat16_autocast_agrees_with_float32_on_cuda():
 
 def test_a_vit_whose_patches_overlap_is_refused(monkeypatch):
     # embedding only the selected patches relies on one patch in, one token out
-    from dynvit.plugins import backbones
-
     create = backbones.timm.create_model
 
     def overlapping(*args, **kwargs):
