@@ -36,7 +36,29 @@ def _matmul_rounds_like_conv(images: Tensor) -> bool:
         return False
     if images.dtype in (torch.float16, torch.bfloat16) or _autocast_on("cuda"):
         return True
-    return not (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    return not (cuda_tf32("conv") or cuda_tf32("matmul"))
+
+
+def cuda_tf32(op: str) -> bool:
+    """Whether CUDA rounds the inputs of float32 ``op`` ("conv": cuDNN, "matmul": cuBLAS) to TF32.
+
+    Reads the ``fp32_precision`` settings where torch has them (a level set to "none" defers to the one
+    above it), else the older ``allow_tf32`` flags; reading ``torch.backends.cudnn.allow_tf32`` raises once
+    the newer settings give cuDNN's convolutions and RNNs different precisions.
+    """
+    if op == "conv":
+        levels, legacy = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends), "cudnn"
+    elif op == "matmul":
+        levels, legacy = (torch.backends.cuda.matmul, torch.backends), "matmul"
+    else:
+        raise ValueError(f"op must be 'conv' or 'matmul', got {op!r}")
+    if getattr(levels[0], "fp32_precision", None) is None:
+        return bool(torch.backends.cudnn.allow_tf32 if legacy == "cudnn" else torch.backends.cuda.matmul.allow_tf32)
+    for level in levels:
+        precision = getattr(level, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
 def _grid_key(grid: Grid) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dynvit.plugins.backbones import cuda_tf32
 
 from dynvit import build_pipeline, load_recipe
 
@@ -31,12 +32,12 @@ TOLERANCES = {
 def tf32_enabled(device: str | torch.device = "cpu") -> bool:
     """Whether float32 convolutions or matmuls on ``device`` may round their inputs to TF32.
 
-    On CUDA, cuDNN convolutions use TF32 by default (``torch.backends.cudnn.allow_tf32``), matmuls when
-    ``torch.backends.cuda.matmul.allow_tf32`` is set. CPU kernels compute float32 in IEEE precision.
+    On CUDA, cuDNN convolutions use TF32 by default, cuBLAS matmuls when asked to (see ``cuda_tf32``).
+    CPU kernels compute float32 in IEEE precision.
     """
     if torch.device(device).type != "cuda":
         return False
-    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    return cuda_tf32("conv") or cuda_tf32("matmul")
 
 
 def tolerance(

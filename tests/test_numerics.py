@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES, tiny_recipe, tolerance
 from dynvit.plugins import backbones
-from dynvit.plugins.backbones import _matmul_rounds_like_conv
+from dynvit.plugins.backbones import _matmul_rounds_like_conv, cuda_tf32
 from dynvit.plugins.selectors import window_sums
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -103,6 +103,22 @@ def test_the_matmul_shortcut_is_taken_only_where_it_rounds_like_the_convolution(
         assert _matmul_rounds_like_conv(images("cuda")) is alike
         assert _matmul_rounds_like_conv(images("cuda", torch.bfloat16))  # 16-bit products on both sides
         assert not _matmul_rounds_like_conv(images("cpu"))  # the CPU: the convolution is faster
+
+
+@pytest.mark.skipif(
+    not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"), reason="torch without fp32_precision"
+)
+def test_tf32_is_read_from_either_flag_api(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")  # cuDNN RNNs stay at TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    with pytest.raises(RuntimeError):
+        torch.backends.cudnn.allow_tf32  # noqa: B018  (the older flag cannot answer for mixed settings)
+    assert not cuda_tf32("conv") and cuda_tf32("matmul")
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "none")  # defers to cuDNN, then torch
+    monkeypatch.setattr(torch.backends, "fp32_precision", "tf32")
+    assert cuda_tf32("conv")
+    with pytest.raises(ValueError, match="'conv' or 'matmul'"):
+        cuda_tf32("rnn")
 
 
 def test_the_matmul_shortcut_embeds_like_the_convolution_in_float32(tiny_pipeline, images, monkeypatch):
