@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_recipe, tolerance
 from dynvit.plugins.exit_policies import ConfidenceExit, EntropyExit
 from PIL import Image
 
@@ -32,6 +33,7 @@ from dynvit.evaluation import (
     topk_correct,
 )
 from dynvit.evaluation.runner import _paper_region
+from dynvit.evaluation.throughput import _autocast, synchronizer
 from dynvit.recipe import load_recipe
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "metrics_schema.json"
@@ -248,8 +250,8 @@ def test_records_count_every_image_of_uneven_batches_in_order(pipe):
     assert records.images.shape == (10, 3, 64, 64) and torch.equal(records.images, images[:10])
     with torch.no_grad():
         whole = pipe(images)
-    torch.testing.assert_close(records.logits[0], whole.logits[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(records.logits[1], whole.logits[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(records.logits[0], whole.logits[0], **tolerance())
+    torch.testing.assert_close(records.logits[1], whole.logits[1], **tolerance())
     assert torch.equal(records.region, whole.selection.region)
     assert records.kept.shape == whole.selection.kept.shape
     with pytest.raises(ValueError, match="no images"):
@@ -280,6 +282,33 @@ def test_throughput_times_both_paths(pipe):
     assert result.speedup == pytest.approx(result.dynamic_images_per_second / result.full_images_per_second)
     assert measure_throughput(pipe, images, eta=1.01, repeats=1, warmup=0).exit_fraction == 0.0
     assert measure_throughput(pipe, images, eta=0.5, repeats=1, warmup=0, amp=True).precision == "bfloat16"
+
+
+def test_the_timer_synchronises_the_device_the_images_are_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    synchronizer(torch.device("cuda", 1))()  # the current device may be cuda:0: it must not be the one waited for
+    assert calls == [torch.device("cuda", 1)]
+    synchronizer(torch.device("cpu"))()
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_amp_asks_the_images_device_whether_it_has_bfloat16(monkeypatch):
+    # a machine whose cuda:0 has bfloat16 and whose cuda:1 (a pre-Ampere card) has not
+    current = [0]
+
+    @contextlib.contextmanager
+    def on_device(device):
+        saved, current[0] = current[0], torch.device(device).index
+        yield
+        current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: current[0] == 0)
+    assert _autocast(torch.device("cuda", 1), True)[1] == "float16"
+    assert _autocast(torch.device("cuda", 0), True)[1] == "bfloat16"
+    assert _autocast(torch.device("cpu"), True)[1] == "bfloat16"
+    assert current == [0]
 
 
 # -- the report end to end ------------------------------------------------------------------
@@ -423,6 +452,7 @@ def test_paper_points_are_drawn_only_for_the_papers_recipe():
     assert _paper_region(load_recipe("deit_s")) is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_records_and_throughput_on_cuda(pipe):
     cuda = build_pipeline(tiny_recipe(), with_loss=False).cuda().eval()

@@ -8,6 +8,7 @@ warm-up rounds excluded and the device synchronised around every timed call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -47,10 +48,29 @@ class Throughput:
         return self.dynamic_images_per_second / self.full_images_per_second
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work: a timer that skips it times the launch, not the work.
+
+    CUDA is synchronised by device: a bare ``torch.cuda.synchronize()`` waits for the *current* device,
+    which is not the one the images are on when they are on ``cuda:1`` and the current device is ``cuda:0``.
+    """
+    if device.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, device)
+    return lambda: None
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` itself (not the current CUDA device) computes in bfloat16."""
+    if device.type != "cuda":
+        return True
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported()
+
+
 def _autocast(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, str]:
     if not enabled:
         return contextlib.nullcontext(), "float32"
-    half = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    half = not _bf16_supported(device)
     dtype = torch.float16 if half else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype), str(dtype).removeprefix("torch.")
 
@@ -69,7 +89,7 @@ def measure_throughput(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = images.device
-    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     autocast, precision = _autocast(device, amp)
     was_training = pipe.training
     pipe.eval()
