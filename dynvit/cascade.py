@@ -76,6 +76,7 @@ class Stage1Graph(nn.Module):
     def __init__(self, pipe: DynamicPipeline) -> None:
         super().__init__()
         self.pipe = pipe
+        self.training = pipe.training  # this wrapper alone (train() would switch the pipeline too)
         if pipe.num_stages == 1:
             self.output_names = ["logits"]
         else:
@@ -108,6 +109,7 @@ class Stage2Graph(nn.Module):
         if pipe.num_stages != 2:
             raise ValueError("a one-stage recipe has no stage 2")
         self.pipe = pipe
+        self.training = pipe.training
         self.input_names = ["images", *feed_names(pipe)]
 
     def forward(self, images: Tensor, *feeds: Tensor) -> Tensor:

@@ -42,11 +42,15 @@ def _require(module: str) -> object:
 
 @dataclass
 class ExportReport:
-    """What :func:`export_onnx` wrote and how far onnxruntime's outputs are from PyTorch's (max abs difference)."""
+    """What :func:`export_onnx` wrote and how far onnxruntime's outputs are from PyTorch's.
+
+    ``max_diff``: per output, max |onnxruntime - torch| / max(1, max |torch|): the absolute difference for
+    outputs within [-1, 1] (logits of a trained model are larger: there it is relative to the largest one).
+    """
 
     directory: Path
     files: list[str]
-    max_abs_diff: dict[str, float]
+    max_diff: dict[str, float]
 
 
 def _example_images(pipe: DynamicPipeline, batch: int) -> Tensor:
@@ -134,7 +138,7 @@ def _export(
 
 
 def validate_export(pipe: DynamicPipeline, directory: str | Path, images: Tensor) -> dict[str, float]:
-    """Max abs difference between onnxruntime and PyTorch for every graph output, on ``images``."""
+    """How far onnxruntime is from PyTorch for every graph output on ``images`` (see :class:`ExportReport`)."""
     cascade = OnnxCascade(directory)
     stage1 = Stage1Graph(pipe)
     with torch.no_grad():
@@ -148,8 +152,12 @@ def validate_export(pipe: DynamicPipeline, directory: str | Path, images: Tensor
     return diffs
 
 
-def _max_diff(a: Tensor, b: Tensor) -> float:
-    return float((a.detach().cpu().double() - b.double()).abs().max()) if a.numel() else 0.0
+def _max_diff(reference: Tensor, other: Tensor) -> float:
+    """max |reference - other| / max(1, max |reference|), 0 for empty outputs."""
+    if not reference.numel():
+        return 0.0
+    reference = reference.detach().cpu().double()
+    return float((reference - other.double()).abs().max() / reference.abs().max().clamp(min=1.0))
 
 
 class OnnxCascade:
