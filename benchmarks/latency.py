@@ -75,7 +75,18 @@ def build_paths(pipe: DynamicPipeline, paths: Sequence[str], folder: Path, threa
     if "eager" in paths:
         out["eager"] = (model, pipe.infer)
     if "compiled" in paths:
-        out["compiled"] = (torch.compile(model, dynamic=False), CompiledCascade(pipe).infer)
+        cascade = CompiledCascade(pipe)  # on CUDA: CUDA graphs of each static shape (mode reduce-overhead)
+        device = next(model.parameters()).device
+        if cascade.cuda_graphs(device):
+            graphed = torch.compile(model, dynamic=False, mode="reduce-overhead")
+
+            def backbone(images: torch.Tensor) -> torch.Tensor:
+                torch.compiler.cudagraph_mark_step_begin()
+                return graphed(images)
+
+        else:
+            backbone = torch.compile(model, dynamic=False)
+        out["compiled"] = (backbone, cascade.infer)
     if "onnx" in paths:
         from dynvit.export import OnnxCascade, export_onnx
 
@@ -154,6 +165,20 @@ def rows_for(
     return rows
 
 
+def fixed_cost_rows(times_by_batch: dict[int, dict[str, list[float]]], names: Sequence[str]) -> list[dict[str, str]]:
+    """Least-squares fit of the median batch time to a + b x batch: a is what every call pays, b every image."""
+    batches = sorted(times_by_batch)
+    rows = []
+    for name in names:
+        ys = [1e3 * statistics.median(times_by_batch[b][name]) for b in batches]
+        mean_x, mean_y = statistics.fmean(batches), statistics.fmean(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(batches, ys)) / sum((x - mean_x) ** 2 for x in batches)
+        row = {"path / model": name, **{f"batch {b} ms/img": f"{y / b:.2f}" for b, y in zip(batches, ys)}}
+        row.update({"per call ms (a)": f"{mean_y - slope * mean_x:.2f}", "per image ms (b)": f"{slope:.2f}"})
+        rows.append(row)
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=None, help="preset or RECIPE[:key=value,...] (default lfvit-m5)")
@@ -168,7 +193,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 21 at batch 1, fewer above)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fixed-cost",
+        action="store_true",
+        help="instead of the table: fit batch time = a + b x batch for the backbone and LF-ViT at 100%% exit\n"
+        "(stage 1 alone) over --batches (default 1 2 4 8): a is the cost every call pays whatever the batch",
+    )
     args = parser.parse_args(argv)
+    if args.fixed_cost:
+        args.exit_fractions = [1.0]
+        args.batches = args.batches if argv_has(argv, "--batches") else [1, 2, 4, 8]
     if args.recipe is None:
         args.recipe = "tiny-m3" if args.tiny else "lfvit-m5"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -208,20 +242,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.warmup} warm-up; random weights; exits forced by the threshold"
     )
     print(f"command: {' '.join(['python', *sys.argv])}")
-    rows = []
+    rows, times_by_batch = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_paths(pipe, args.paths, Path(tmp), args.threads or None)
         for batch in args.batches:
             repeats = args.repeats or max(5, 21 if batch == 1 else round(88 / batch))
             bench = Bench(device, DTYPES[args.dtype], args.warmup, repeats, clock)
-            times = measure(pipe, paths, batch, bench, args.exit_fractions)
+            times = times_by_batch[batch] = measure(pipe, paths, batch, bench, args.exit_fractions)
             batch_rows = rows_for(times, batch, list(paths), args.exit_fractions, flops)
             print(f"\n### batch {batch}, {repeats} rounds\n")
             print(markdown_table(batch_rows))
             rows += batch_rows
-    print("\n### all batches\n")
-    print(markdown_table(rows))
+    if args.fixed_cost:
+        weights = torch.cat([p.detach().flatten() for p in pipe.backbone.model.parameters()])
+        bench = Bench(device, torch.float32, args.warmup, 21, clock)
+        read = statistics.median(bench.rounds({"read": lambda: weights.sum()})["read"])
+        print(
+            f"\nthe backbone's weights: {weights.numel() * 4 / 2**20:.1f} MiB; reading them once "
+            f"(a sum over a copy of them, median of 21): {1e3 * read:.2f} ms"
+        )
+        names = [f"{path}/{model}" for path in paths for model in ("backbone", "LF-ViT@1.0")]
+        print("\n### batch time = a + b x batch (least squares over the medians); LF-ViT@1.0 is stage 1 alone\n")
+        print(markdown_table(fixed_cost_rows(times_by_batch, names)))
+    else:
+        print("\n### all batches\n")
+        print(markdown_table(rows))
     return 0
+
+
+def argv_has(argv: Sequence[str] | None, option: str) -> bool:
+    return option in (sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
