@@ -76,17 +76,7 @@ def build_paths(pipe: DynamicPipeline, paths: Sequence[str], folder: Path, threa
         out["eager"] = (model, pipe.infer)
     if "compiled" in paths:
         cascade = CompiledCascade(pipe)  # on CUDA: CUDA graphs of each static shape (mode reduce-overhead)
-        device = next(model.parameters()).device
-        if cascade.cuda_graphs(device):
-            graphed = torch.compile(model, dynamic=False, mode="reduce-overhead")
-
-            def backbone(images: torch.Tensor) -> torch.Tensor:
-                torch.compiler.cudagraph_mark_step_begin()
-                return graphed(images)
-
-        else:
-            backbone = torch.compile(model, dynamic=False)
-        out["compiled"] = (backbone, cascade.infer)
+        out["compiled"] = (cascade.compile_like(model, next(model.parameters()).device), cascade.infer)
     if "onnx" in paths:
         from dynvit.export import OnnxCascade, export_onnx
 

@@ -218,6 +218,22 @@ class CompiledCascade:
             self._compiled[key] = fns
         return self._compiled[key]
 
+    def compile_like(self, fn: Callable[[Tensor], Tensor], device: torch.device) -> Callable[[Tensor], Tensor]:
+        """``fn`` compiled as the stages are on ``device`` (for a like-for-like baseline); ``fn`` for backend None."""
+        if self.backend is None:
+            return fn
+        compiled = torch.compile(
+            fn, backend=self.backend, mode=self._mode(device), dynamic=False, **self.compile_kwargs
+        )
+        if not self.cuda_graphs(device):
+            return compiled
+
+        def replay(images: Tensor) -> Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(images)
+
+        return replay
+
     @torch.no_grad()
     def infer(self, images: Tensor, threshold: float | None = None) -> InferenceResult:
         """What :meth:`DynamicPipeline.infer` returns, through the static stage graphs."""

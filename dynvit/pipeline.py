@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,9 @@ from dynvit.stages import (
     Stage1Output,
     TokenReuser,
 )
+
+if TYPE_CHECKING:  # dynvit.cascade imports this module
+    from dynvit.cascade import CompiledCascade
 
 
 @dataclass
@@ -206,6 +210,11 @@ class DynamicPipeline(nn.Module):
     def compiled(self) -> bool:
         """Whether :meth:`infer` runs compiled (see :meth:`compile`)."""
         return self.__dict__.get("_cascade") is not None
+
+    @property
+    def compiled_cascade(self) -> CompiledCascade | None:
+        """The :class:`~dynvit.cascade.CompiledCascade` :meth:`infer` runs through, or None."""
+        return self.__dict__.get("_cascade")
 
     @torch.no_grad()
     def infer(self, images: Tensor, threshold: float | None = None) -> InferenceResult:

@@ -219,3 +219,18 @@ def test_cuda_graphs_infer_equals_eager_and_results_survive_the_next_call():
     for _ in range(3):  # replays overwrite the graphs' own buffers; results are copies
         compiled.infer(batch(8).cuda(), threshold)
     assert_same_result(first, eager.infer(images, threshold), atol=1e-4)
+
+
+def test_compiled_throughput_times_the_compiled_cascade_against_the_same_compiler():
+    from dynvit.evaluation import measure_throughput
+    from dynvit.evaluation.report import throughput_metrics
+
+    pipe = pipeline().compile(backend=None)
+    cascade = pipe.compiled_cascade
+    calls = []
+    original = cascade.infer
+    cascade.infer = lambda images, threshold=None: calls.append(threshold) or original(images, threshold)
+    result = measure_throughput(pipe, batch(4), eta=1.01, repeats=2, warmup=1)
+    assert result.compiled and throughput_metrics(result)["compiled"] is True
+    assert result.exit_fraction == 0.0 and calls.count(1.01) == 1 + 1 + 2  # exit check, warm-up, timed rounds
+    assert cascade.compile_like(pipe.run_full_resolution, torch.device("cpu")) == pipe.run_full_resolution

@@ -87,7 +87,8 @@ def measure_throughput(
         return time.perf_counter() - start
 
     # a compiled pipeline is compared with the compiled backbone: the same compiler on both sides
-    full = torch.compile(pipe.run_full_resolution, dynamic=False) if pipe.compiled else pipe.run_full_resolution
+    cascade = pipe.compiled_cascade
+    full = cascade.compile_like(pipe.run_full_resolution, device) if cascade else pipe.run_full_resolution
     runs = {
         "dynamic": lambda: pipe.infer(images, threshold=eta),
         "full": lambda: full(images),
