@@ -19,6 +19,7 @@ Both graphs have a dynamic batch dimension. One-stage recipes write
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,15 +126,18 @@ def _export(
     output_names: list[str],
     dynamic_shapes: dict,
 ) -> None:
-    program = torch.onnx.export(
-        module,
-        args,
-        dynamo=True,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=dynamic_shapes,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # every input shares the one batch dimension on purpose; the exporter mentions it once per extra input
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
     program.save(str(path))
 
 
