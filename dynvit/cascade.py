@@ -20,7 +20,7 @@ Bucket policy: the smallest size in 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers
 of two and 1.5 x powers of two) that holds the sub-batch, capped at the
 batch size. At most a third of stage 2's rows are padding (none for
 sub-batches of 1-4), and a batch of B compiles stage 2 at most
-2 log2(B) + 1 times (11 shapes for B = 64), stage 1 once per batch size.
+2 log2(B) + 1 times (12 shapes for B = 64), stage 1 once per batch size.
 """
 
 from __future__ import annotations
