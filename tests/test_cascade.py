@@ -213,7 +213,7 @@ def test_cuda_graphs_infer_equals_eager_and_results_survive_the_next_call():
     compiled = pipeline().cuda().compile()  # mode reduce-overhead on CUDA: each static shape a CUDA graph
     images = batch(8).cuda()
     threshold = threshold_sending_on(eager, images, 5)
-    cascade = compiled._cascade
+    cascade = compiled.compiled_cascade
     assert cascade.cuda_graphs(images.device)
     first = compiled.infer(images, threshold)
     for _ in range(3):  # replays overwrite the graphs' own buffers; results are copies
