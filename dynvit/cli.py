@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "import-lfvit": "import_lfvit",
     "data": "data",
     "quickstart": "quickstart",
+    "export": "export",
 }
 
 

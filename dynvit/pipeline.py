@@ -14,6 +14,7 @@ import copy
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +35,9 @@ from dynvit.stages import (
     Stage1Output,
     TokenReuser,
 )
+
+if TYPE_CHECKING:  # dynvit.cascade imports this module
+    from dynvit.cascade import CompiledCascade
 
 
 class InputError(DynvitError, ValueError):
@@ -56,6 +60,21 @@ class InferenceResult:
     exit_stage: Tensor  # (B,) int64 in {1, 2}
     stage1_logits: Tensor  # (B, C)
     selection: Selection | None = None  # for the samples with exit_stage == 2, in batch order
+
+
+@dataclass
+class Stage2Inputs:
+    """Everything stage 2 needs besides the images; every field has the sub-batch as its first dimension.
+
+    ``full_index`` (B, M): full-resolution cells to embed; ``parent`` (B, M): each cell's parent as a slot in
+    ``kept_tokens`` (B, K, D), the final stage-1 tokens the fuser reads (both None without a fuser);
+    ``reused`` (B, R, D): the stage-1 tokens appended to the sequence (None without a reuser).
+    """
+
+    full_index: Tensor
+    parent: Tensor | None = None
+    kept_tokens: Tensor | None = None
+    reused: Tensor | None = None
 
 
 def parent_index(full_index: Tensor, grid1: Grid, grid2: Grid) -> Tensor:
@@ -190,22 +209,34 @@ class DynamicPipeline(nn.Module):
             return Selection.whole_image(stage1.logits.shape[0], self.grid1, self.grid2, stage1.logits.device)
         return self.selector(stage1, self.grid2)
 
-    def run_stage2(self, images: Tensor, stage1: Stage1Output, selection: Selection) -> Tensor:
-        """Stage 2 on the selected full-resolution tokens plus the reused stage-1 ones."""
-        patches = self.backbone.embed_patches(images, selection.full_index)
+    def stage2_inputs(self, stage1: Stage1Output, selection: Selection) -> Stage2Inputs:
+        """What stage 2 takes from stage 1 for these samples: indices and the gathered stage-1 tokens."""
+        parent = kept_tokens = reused = None
         if self.fuser is not None:
             # the fuser sees only the kept stage-1 tokens, and each patch's parent as a slot among them
             kept = selection.kept
             slot = torch.empty(kept.shape[0], self.grid1[0] * self.grid1[1], dtype=kept.dtype, device=kept.device)
             slot.scatter_(1, kept, torch.arange(kept.shape[1], device=kept.device).expand_as(kept))
             parent = slot.gather(1, parent_index(selection.full_index, self.grid1, self.grid2))
-            patches = self.fuser(patches, gather_tokens(stage1.tokens[:, 1:], kept), parent)
-        pos = self.backbone.position_embedding(self.grid2)
-        tokens = patches + gather_tokens(pos[:, 1:], selection.full_index)
+            kept_tokens = gather_tokens(stage1.tokens[:, 1:], kept)
         if self.reuser is not None and selection.reuse_index.shape[1] > 0:
             reused = self.reuser(stage1, selection.reuse_index)
-            tokens = torch.cat([tokens, reused.to(tokens.dtype)], dim=1)
+        return Stage2Inputs(selection.full_index, parent, kept_tokens, reused)
+
+    def encode_stage2(self, images: Tensor, inputs: Stage2Inputs) -> Tensor:
+        """Stage 2 proper: embed the selected full-resolution patches, fuse, append the reused tokens, encode."""
+        patches = self.backbone.embed_patches(images, inputs.full_index)
+        if inputs.kept_tokens is not None:
+            patches = self.fuser(patches, inputs.kept_tokens, inputs.parent)
+        pos = self.backbone.position_embedding(self.grid2)
+        tokens = patches + gather_tokens(pos[:, 1:], inputs.full_index)
+        if inputs.reused is not None:
+            tokens = torch.cat([tokens, inputs.reused.to(tokens.dtype)], dim=1)
         return self.backbone.encode(tokens, pos[:, :1]).logits
+
+    def run_stage2(self, images: Tensor, stage1: Stage1Output, selection: Selection) -> Tensor:
+        """Stage 2 on the selected full-resolution tokens plus the reused stage-1 ones."""
+        return self.encode_stage2(images, self.stage2_inputs(stage1, selection))
 
     # -- public entry points ----------------------------------------------------
 
@@ -223,6 +254,33 @@ class DynamicPipeline(nn.Module):
         logits2 = self.run_stage2(images, stage1, selection)
         return PipelineOutput(logits=(stage1.logits, logits2), selection=selection)
 
+    def compile(
+        self, mode: str | None = None, buckets: Sequence[int] | None = None, **compile_kwargs: object
+    ) -> DynamicPipeline:
+        """Make :meth:`infer` run through two static-shape graphs under ``torch.compile`` (returns ``self``).
+
+        Stage 1 and stage 2 each compile as one graph; the stage-2 sub-batch
+        is padded to a few bucket sizes (see :mod:`dynvit.cascade`). On CUDA
+        ``mode`` defaults to ``"reduce-overhead"`` (CUDA graphs). Results equal
+        eager ``infer`` up to floating-point reassociation. Training
+        (``forward``) is not affected.
+        """
+        from dynvit.cascade import CompiledCascade
+
+        # kept out of the module tree: the cascade holds this pipeline, not the other way round
+        object.__setattr__(self, "_cascade", CompiledCascade(self, mode=mode, buckets=buckets, **compile_kwargs))
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`infer` runs compiled (see :meth:`compile`)."""
+        return self.__dict__.get("_cascade") is not None
+
+    @property
+    def compiled_cascade(self) -> CompiledCascade | None:
+        """The :class:`~dynvit.cascade.CompiledCascade` :meth:`infer` runs through, or None."""
+        return self.__dict__.get("_cascade")
+
     @torch.no_grad()
     def infer(self, images: Tensor, threshold: float | None = None) -> InferenceResult:
         """Early-exit inference; ``threshold`` overrides the exit policy's own."""
@@ -230,6 +288,9 @@ class DynamicPipeline(nn.Module):
         if images.shape[0] == 0:
             empty = images.new_zeros(0, self.backbone.num_classes)
             return InferenceResult(empty, torch.zeros(0, dtype=torch.long, device=images.device), empty)
+        cascade = self.__dict__.get("_cascade")
+        if cascade is not None:
+            return cascade.infer(images, threshold, checked=True)
         if self.num_stages == 1:
             logits = self.run_full_resolution(images)
             ones = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)

@@ -52,11 +52,15 @@ def children(kept: Tensor, grid1: Grid, grid2: Grid) -> Tensor:
 
 
 def complement(kept: Tensor, total: int) -> Tensor:
-    """Indices in [0, total) not in ``kept``, ascending: (B, total - K)."""
-    mask = torch.ones(kept.shape[0], total, dtype=torch.bool, device=kept.device)
-    mask.scatter_(1, kept, False)
-    order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)
-    return order[:, : total - kept.shape[1]]
+    """Indices in [0, total) not in ``kept``, ascending: (B, total - K).
+
+    A top-k over distinct keys (2 * total - index for the cells not kept,
+    -index for the kept ones): no ties, so no stable sort is needed, and it
+    exports to ONNX as one TopK.
+    """
+    cells = torch.arange(total, device=kept.device, dtype=torch.float32).expand(kept.shape[0], total)
+    key = torch.full_like(cells, 2.0 * total).scatter(1, kept, 0.0) - cells
+    return torch.topk(key, total - kept.shape[1], dim=1, sorted=True).indices
 
 
 @register("region_selector", "full_image")
@@ -178,20 +182,43 @@ class MinGCASelector(GCASelector):
         return _centred_corner(gca.argmin(dim=1), grid, self.region)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (xor-shift-multiply) on int64 values in [0, 2**32): every op is plain tensor
+    arithmetic, identical on every device, inside a compiled graph and in ONNX. Shifts are floor divisions and the
+    multipliers are below 2**31, so no intermediate overflows int64."""
+    x = x ^ (x // 65536)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x // 32768)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x // 65536)
+
+
 @register("region_selector", "random")
 class RandomSelector(GCASelector):
-    """Table 6: a uniformly random window, reproducible from ``seed``; top-K inside still by GCA."""
+    """Table 6: a uniformly random window, reproducible from ``seed``; top-K inside still by GCA.
+
+    The stream is counter-based: the n-th sample this selector sees (counted
+    from construction, over every call) gets window ``hash32(hash32(n) ^ seed)
+    % windows``. The counter is a device buffer advanced inside the call, so
+    the draw needs no host generator: the selection compiles into one graph,
+    and a batch of 8 draws what two batches of 4 draw.
+    """
 
     def __init__(
         self, region: int = 5, alpha: float = 0.88, beta: float = 0.99, first_block: int = 3, seed: int = 0
     ) -> None:
         super().__init__(region, alpha, beta, first_block)
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def choose_window(self, gca: Tensor, grid: Grid) -> Tensor:
         spots = (grid[0] - self.region + 1) * (grid[1] - self.region + 1)
-        flat = torch.randint(spots, (gca.shape[0],), generator=self.generator).to(gca.device)
+        count = torch.arange(gca.shape[0], device=gca.device) + self.draws.to(gca.device)
+        self.draws.add_(gca.shape[0])
+        flat = hash32(hash32(count & _MASK32) ^ (self.seed & _MASK32)) % spots
         return _corner_of_flat(flat, grid[1] - self.region + 1)
 
 

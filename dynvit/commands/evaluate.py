@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--compile", action="store_true", help="time the throughput under torch.compile (both models; compiles first)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             baseline_overrides=args.baseline_override,
             recipe_name=args.recipe,
             progress=not args.no_progress,
+            compile=args.compile,
         )
     except (ValueError, FileNotFoundError) as exc:  # the evaluation's own checks raise ValueError
         print(f"error: {one_line(exc)}", file=sys.stderr)

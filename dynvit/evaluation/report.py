@@ -75,6 +75,7 @@ def throughput_metrics(throughput: Throughput | None) -> dict[str, Any] | None:
         "repeats": throughput.repeats,
         "warmup": throughput.warmup,
         "precision": throughput.precision,
+        "compiled": throughput.compiled,
         "eta": round(throughput.eta, 6),
         "exit_fraction": throughput.exit_fraction,
         "dynamic": {
@@ -174,7 +175,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     if throughput is not None:
         lines.append(
             f"throughput ({throughput['device']}, batch {throughput['batch_size']}, {throughput['precision']}, "
-            f"median of {throughput['repeats']} after {throughput['warmup']} warm-up): "
+            + ("compiled, " if throughput.get("compiled") else "")
+            + f"median of {throughput['repeats']} after {throughput['warmup']} warm-up): "
             f"dynamic eta={throughput['eta']:g} {throughput['dynamic']['images_per_second']:.1f} img/s "
             f"(exit@1 {_pct(throughput['exit_fraction'])}), plain backbone same weights "
             f"{throughput['full_resolution']['images_per_second']:.1f} img/s, ratio {throughput['speedup']:.2f}x"
