@@ -229,7 +229,7 @@ def test_compiled_throughput_times_the_compiled_cascade_against_the_same_compile
     cascade = pipe.compiled_cascade
     calls = []
     original = cascade.infer
-    cascade.infer = lambda images, threshold=None: calls.append(threshold) or original(images, threshold)
+    cascade.infer = lambda images, threshold=None, **kw: calls.append(threshold) or original(images, threshold, **kw)
     result = measure_throughput(pipe, batch(4), eta=1.01, repeats=2, warmup=1)
     assert result.compiled and throughput_metrics(result)["compiled"] is True
     assert result.exit_fraction == 0.0 and calls.count(1.01) == 1 + 1 + 2  # exit check, warm-up, timed rounds

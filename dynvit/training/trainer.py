@@ -215,14 +215,11 @@ def _write_text(path: Path, text: str) -> None:
 
 def _check_writable(output_dir: Path) -> None:
     """Fail before any work when the run could not save anything (read-only or missing storage)."""
-    probe = output_dir / f".write-test-{os.getpid()}"
-    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
+    probe = output_dir / f".write-test-{os.getpid()}"  # one per process: several may probe at once
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
-        for folder in created:  # leave nothing behind if a later check refuses the run
-            folder.rmdir()
     except OSError as exc:
         raise TrainingError(
             f"train.output_dir={output_dir} is not writable ({exc.strerror or exc}); "
@@ -302,9 +299,9 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     _limit_cpu_threads(accelerator, data.num_workers)
 
     # -- checks that fail before anything heavy runs
-    _check_writable(output_dir)
     with accelerator.local_main_process_first():  # data caches (quickstart, imagefolder) build once per node
         classes = validate_data(recipe)
+    _check_writable(output_dir)
     resume_from = _resume_folder(resume, output_dir)
     if cfg.full_image_epochs >= cfg.epochs > 0:
         accelerator.print(
