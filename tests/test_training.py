@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from conftest import tolerance
 from PIL import Image
 from safetensors.torch import load_file
@@ -216,7 +217,9 @@ def test_resume_inside_an_epoch_reproduces_the_uninterrupted_run(disk_data, tmp_
     assert max_difference(weights_of(b), at_stop) > 1e-3  # the resumed steps did train
     timing = {"img_per_s", "epoch_time_s"}
     strip = [{k: v for k, v in m.items() if k not in timing} for m in metrics_of(straight)]
-    assert strip == [{k: v for k, v in m.items() if k not in timing} for m in metrics_of(resumed)]
+    # exact on the CPU; a GPU's atomics in the backward make the losses differ in the last bits
+    expected = [{k: v for k, v in m.items() if k not in timing} for m in metrics_of(resumed)]
+    assert strip == [{k: pytest.approx(v, rel=TRAINED["rtol"]) for k, v in m.items()} for m in expected]
     assert [m["whole_image_stage2"] for m in strip] == [True, False]
 
 
@@ -268,6 +271,7 @@ def _save(accelerator, model, target: Path, step: int) -> None:
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test may have set it up on a GPU
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
     model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
