@@ -169,3 +169,21 @@ def test_flops_command_prints_the_table(capsys):
     assert main(["flops", "deit_s", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "stage 2" not in printed and "tokens (incl. CLS)" in printed
+
+
+def test_cpu_fused_attention_is_counted_where_torch_has_no_formula_for_it(monkeypatch):
+    # torch 2.11 has none and counted the CPU's fused attention as 0 FLOPs; the meta device runs plain bmm
+    from torch.utils import flop_counter
+
+    from dynvit import flops
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    registry = dict(flop_counter.flop_registry)
+    registry.pop(op, None)
+    monkeypatch.setattr(flop_counter, "flop_registry", registry)
+    without = count_flops(tiny())
+    flops._count_cpu_fused_attention()
+    assert op in flop_counter.flop_registry
+    with torch.device("meta"):
+        meta = count_flops(tiny())
+    assert count_flops(tiny()) == meta and without.full_resolution < meta.full_resolution
