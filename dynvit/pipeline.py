@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dynvit.errors import DynvitError
-from dynvit.recipe import RecipeError
+from dynvit.recipe import PLUGIN_SECTIONS, RecipeError
 from dynvit.registry import PluginError, registry
 from dynvit.stages import (
     Backbone,
@@ -343,15 +343,7 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
     """
     model = recipe.model
     image_size = int(model.image_size)
-    sections = {
-        "backbone": "model.backbone",
-        "downsampler": "model.downsampler",
-        "region_selector": "model.selector",
-        "fuser": "model.fuser",
-        "token_reuser": "model.reuser",
-        "exit_policy": "model.exit",
-        "loss": "loss",
-    }
+    sections = {kind: dotted for dotted, kind in PLUGIN_SECTIONS.items()}  # stage kind -> its recipe key
 
     def build(kind: str, section: DictConfig, **context: object) -> nn.Module:
         config = OmegaConf.to_container(section, resolve=True)

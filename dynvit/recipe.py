@@ -297,16 +297,15 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_model: bool = True) -> DictConfig:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """Load, extend, override and validate a recipe.
 
     ``path`` is a YAML file or the name of a bundled recipe
     (``"lfvit_deit_s"``). ``overrides`` are OmegaConf dotlist strings.
     Raises :class:`RecipeError` naming the file and key on any problem,
     including geometry that only the built model knows (a region larger
-    than the stage-1 grid, ``first_block`` beyond the depth): with
-    ``check_model`` the pipeline is built once on the meta device (no
-    memory, no weights read) to find out.
+    than the stage-1 grid, ``first_block`` beyond the depth): the pipeline
+    is built once on the meta device (no memory, no weights read) to find out.
     """
     file = resolve_recipe_path(path)
     layers = _read_layers(file)
@@ -339,10 +338,9 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_model: bo
         raise RecipeError(f"{file}: model.stages must be 1 or 2, got {merged.model.stages}")
     _check_values(merged, file)
     merged.base = None
-    if check_model:
-        from dynvit.pipeline import check_buildable
+    from dynvit.pipeline import check_buildable
 
-        check_buildable(merged, source=str(file))
+    check_buildable(merged, source=str(file))
     return merged
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from dynvit.recipe import ValueCheck, at_least, fraction, one_of, positive
 
+MIXED_PRECISION = ("no", "bf16", "fp16")  # what train.mixed_precision (and Accelerate) accepts
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -122,7 +123,7 @@ TRAIN_CHECKS: dict[str, ValueCheck] = {
     "warmup_lr": at_least(0),
     "min_lr": at_least(0),
     "cooldown_epochs": at_least(0),
-    "mixed_precision": one_of("no", "bf16", "fp16"),
+    "mixed_precision": one_of(*MIXED_PRECISION),
     "hflip": fraction(),
     "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two area fractions 0 < low <= high <= 1"),
     "reprob": fraction(),

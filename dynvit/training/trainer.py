@@ -48,9 +48,8 @@ from dynvit.training.checkpoint import (
     save_training_checkpoint,
     weights_digest,
 )
+from dynvit.training.config import MIXED_PRECISION
 from dynvit.weights import atomic_write
-
-MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 class TrainingError(DynvitError, RuntimeError):
@@ -441,17 +440,16 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
         set_epoch(train_loader, epoch)
         done = progress.epoch_step * accum  # micro-batches of this epoch already trained (resume)
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        bar = tqdm(
+        images_seen, start = 0, time.perf_counter()
+        step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
+        with tqdm(  # closed on leaving, so an error's message starts on a line of its own
             total=steps_per_epoch,
             initial=progress.epoch_step,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="step",
             disable=not accelerator.is_main_process,
             dynamic_ncols=True,
-        )
-        images_seen, start = 0, time.perf_counter()
-        step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-        try:
+        ) as bar:
             for images, labels in islice(batches, micro_batches - done):
                 images = images.to(accelerator.device, non_blocking=True)
                 labels = labels.to(accelerator.device, non_blocking=True)
@@ -499,8 +497,6 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
                     keep_step_checkpoint(progress.step)
                 if stop:
                     break
-        finally:
-            bar.close()  # ends the bar's line, also when an error stops the run
         elapsed = time.perf_counter() - start
         if progress.epoch_step < steps_per_epoch:  # stopped by max_steps inside the epoch; `last` is saved
             accelerator.print(f"stopped after {progress.step} steps (--max-steps); resume with --resume auto")
