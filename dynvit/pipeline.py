@@ -1,10 +1,10 @@
 """The dynamic pipeline: stages composed into one ``nn.Module``.
 
-Training (``pipe(images)``): every sample goes through every stage and the
-logits of each stage are returned, so the loss can supervise both.
-Inference (``pipe.infer(images)``): stage 1 on the whole batch, the exit
-policy splits it, and stage 2 runs once on the compacted sub-batch of the
-samples that did not exit.
+Training (``pipe(images)``): every sample goes through every stage and
+every stage's output is returned, so the loss can supervise them all.
+Inference (``pipe.infer(images)``): the first stage on the whole batch;
+after each stage its exit policy splits the batch, and the next stage runs
+once on the compacted sub-batch of the samples that did not exit.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,19 +21,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dynvit.errors import DynvitError
-from dynvit.recipe import PLUGIN_SECTIONS, RecipeError
+from dynvit.recipe import RecipeError, stage_sections
 from dynvit.registry import PluginError, registry
 from dynvit.stages import (
     Backbone,
     Downsampler,
+    EncoderHook,
     ExitPolicy,
     Fuser,
     Grid,
     Loss,
+    PipelineOutput,
     RegionSelector,
     Selection,
-    Stage1Output,
+    StageContext,
+    StageOutput,
     TokenReuser,
+    gather_tokens,
 )
 
 if TYPE_CHECKING:  # dynvit.cascade imports this module
@@ -45,30 +49,22 @@ class InputError(DynvitError, ValueError):
 
 
 @dataclass
-class PipelineOutput:
-    """Training-mode result."""
-
-    logits: tuple[Tensor, ...]  # one (B, C) tensor per stage
-    selection: Selection | None = None  # what stage 2 looked at
-
-
-@dataclass
 class InferenceResult:
     """Inference-mode result."""
 
     logits: Tensor  # (B, C): the logits of the stage each sample exited at
-    exit_stage: Tensor  # (B,) int64 in {1, 2}
-    stage1_logits: Tensor  # (B, C)
-    selection: Selection | None = None  # for the samples with exit_stage == 2, in batch order
+    exit_stage: Tensor  # (B,) int64 in {1, ..., number of stages}
+    stage1_logits: Tensor  # (B, C): the first stage's logits, every sample
+    selection: Selection | None = None  # of the last refining stage, for the samples that reached it, in batch order
 
 
 @dataclass
-class Stage2Inputs:
-    """Everything stage 2 needs besides the images; every field has the sub-batch as its first dimension.
+class RefineInputs:
+    """Everything a refining stage needs besides the images; every field has the sub-batch as its first dimension.
 
-    ``full_index`` (B, M): full-resolution cells to embed; ``parent`` (B, M): each cell's parent as a slot in
-    ``kept_tokens`` (B, K, D), the final stage-1 tokens the fuser reads (both None without a fuser);
-    ``reused`` (B, R, D): the stage-1 tokens appended to the sequence (None without a reuser).
+    ``full_index`` (B, M): cells of this stage's grid to embed; ``parent`` (B, M): each cell's parent as a slot in
+    ``kept_tokens`` (B, K, D), the previous stage's final tokens the fuser reads (both None without a fuser);
+    ``reused`` (B, R, D): the previous stage's tokens appended to the sequence (None without a reuser).
     """
 
     full_index: Tensor
@@ -77,60 +73,197 @@ class Stage2Inputs:
     reused: Tensor | None = None
 
 
+Stage2Inputs = RefineInputs  # the name of the two-stage era
+
+
 def parent_index(full_index: Tensor, grid1: Grid, grid2: Grid) -> Tensor:
-    """Stage-1 cell under each full-resolution cell (nearest-neighbour upsampling)."""
+    """Coarser-grid cell under each finer-grid cell (nearest-neighbour upsampling)."""
     rows, cols = full_index // grid2[1], full_index % grid2[1]
     return (rows * grid1[0] // grid2[0]) * grid1[1] + cols * grid1[1] // grid2[1]
 
 
-def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
-    """(B or 1, N, D) tokens at (B, M) indices -> (B, M, D)."""
-    index = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-    return torch.gather(tokens.expand(index.shape[0], -1, -1), 1, index)
+class PipelineStage(nn.Module):
+    """One stage: where its tokens come from, the backbone it runs (when not the shared one), its hooks, and
+    whether samples may stop after it.
+
+    A *whole-image* stage embeds every patch of the (optionally downsampled)
+    image. A *refining* stage (one with a selector) embeds only the cells
+    the selector picks at its own resolution from what the previous stage
+    saw, optionally fused with and completed by that stage's tokens.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | None = None,
+        downsampler: Downsampler | None = None,
+        selector: RegionSelector | None = None,
+        fuser: Fuser | None = None,
+        reuser: TokenReuser | None = None,
+        hooks: Sequence[EncoderHook] = (),
+        exit_policy: ExitPolicy | None = None,
+    ) -> None:
+        super().__init__()
+        if selector is not None and downsampler is not None:
+            raise ValueError("a refining stage (one with a selector) reads the full image; remove its downsampler")
+        if selector is None and (fuser is not None or reuser is not None):
+            raise ValueError("a fuser or reuser needs a selector in the same stage")
+        self.backbone = backbone
+        self.downsampler = downsampler
+        self.selector = selector
+        # a no-op fuser or reuser is left out, so the stage skips its gathers entirely
+        self.fuser = None if fuser is None or fuser.is_noop else fuser
+        self.reuser = None if reuser is None or reuser.is_noop else reuser
+        self.hooks = nn.ModuleList(hooks)
+        self.exit_policy = exit_policy
+
+    @property
+    def refines(self) -> bool:
+        return self.selector is not None
+
+
+# two-stage attribute names (pipe.selector, ...) -> (stage, attribute)
+_TWO_STAGE_ALIASES = {
+    "downsampler": (0, "downsampler"),
+    "exit_policy": (0, "exit_policy"),
+    "selector": (1, "selector"),
+    "fuser": (1, "fuser"),
+    "reuser": (1, "reuser"),
+}
+
+
+# where a two-stage pipeline kept its plugins before the stages were a list -> where they are now
+_LEGACY_PREFIXES = {
+    "downsampler.": "stages.0.downsampler.",
+    "exit_policy.": "stages.0.exit_policy.",
+    "selector.": "stages.1.selector.",
+    "fuser.": "stages.1.fuser.",
+    "reuser.": "stages.1.reuser.",
+}
+
+
+def upgrade_state_dict_keys(state: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """A two-stage state dict written before the stage list, under today's key names.
+
+    ``fuser.block.0.weight`` becomes ``stages.1.fuser.block.0.weight``;
+    other keys are kept, so today's state dicts pass through unchanged.
+    """
+    upgraded = {}
+    for key, value in state.items():
+        rest = key[len(prefix) :] if key.startswith(prefix) else None
+        old = next((o for o in _LEGACY_PREFIXES if rest is not None and rest.startswith(o)), None)
+        upgraded[key if old is None else prefix + _LEGACY_PREFIXES[old] + rest[len(old) :]] = value
+    return upgraded
 
 
 class DynamicPipeline(nn.Module):
-    """LF-ViT-style two-stage inference over one shared backbone."""
+    """Stages run in order over one shared backbone (or each over its own), with exits between them.
+
+    LF-ViT and CF-ViT are two stages sharing a backbone: a downsampled
+    whole-image stage, then a refining stage. DVT is three whole-image
+    stages with their own backbones. ``pipe.selector``, ``pipe.grid1`` and
+    the other two-stage names read (and set) the stages of such a pipeline.
+    """
 
     def __init__(
         self,
         backbone: Backbone,
-        downsampler: Downsampler | None,
-        selector: RegionSelector | None,
-        fuser: Fuser | None,
-        reuser: TokenReuser | None,
-        exit_policy: ExitPolicy | None,
+        stages: Sequence[PipelineStage],
         loss: Loss | None = None,
         image_size: int = 224,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.downsampler = downsampler
-        self.selector = selector
-        self.fuser = fuser
-        self.reuser = reuser
-        self.exit_policy = exit_policy
+        self.stages = nn.ModuleList(stages)
         self.loss = loss
         self.image_size = image_size
-        self.num_stages = 1 if downsampler is None else 2
-        with _naming("model.image_size"):
-            self.grid2 = backbone.grid_size(image_size)
-        if self.num_stages == 2:
-            low = downsampler.output_size(image_size)
-            with _naming(f"model.downsampler (a {low} px stage-1 image from model.image_size={image_size})"):
-                self.grid1 = backbone.grid_size(low)
-                if self.grid2[0] % self.grid1[0] or self.grid2[1] % self.grid1[1]:
-                    raise ValueError(
-                        f"the full-resolution grid {self.grid2} is not an integer multiple of the stage-1 grid "
-                        f"{self.grid1}; use a downsampling scale of 1/2, 1/3, ..."
+        self.num_stages = len(stages)
+        self.grids: list[Grid] = []
+        for index, stage in enumerate(stages):
+            key = f"model.stages.{index}" if index > 1 or self.num_stages > 2 else "model"
+            if stage.refines:
+                if index == 0 or stages[index - 1].refines:
+                    raise RecipeError(
+                        f"{key}: a stage with a selector refines what a whole-image stage before it saw; "
+                        "put a whole-image stage (no selector) before it"
                     )
-            with _naming("model.selector"):
-                self._attention_blocks = selector.attention_blocks(backbone.depth)
-                self.stage2_length  # noqa: B018 - the selector checks its region against the stage-1 grid
-        # while True, stage 2 sees the whole image (the first LF-ViT training phase)
+                with _naming(f"{key}.image_size"):
+                    grid = self.backbone_of(index).grid_size(image_size)
+                    previous = self.grids[index - 1]
+                    if grid[0] % previous[0] or grid[1] % previous[1]:
+                        raise ValueError(
+                            f"the grid {grid} of stage {index + 1} is not an integer multiple of the grid {previous} "
+                            f"of stage {index}; use a downsampling scale of 1/2, 1/3, ..."
+                        )
+            else:
+                side = image_size if stage.downsampler is None else stage.downsampler.output_size(image_size)
+                where = f"model.downsampler (a {side} px image from model.image_size={image_size})"
+                with _naming(where if stage.downsampler is not None else "model.image_size"):
+                    grid = self.backbone_of(index).grid_size(side)
+            self.grids.append(grid)
+        # what each stage records because the next one asks for it
+        self._attention_blocks: list[tuple[int, ...]] = [() for _ in stages]
+        self._records: list[tuple[bool, bool]] = [(False, False) for _ in stages]
+        for index, stage in enumerate(stages[1:], start=1):
+            if stage.refines:
+                with _naming(f"{'model' if self.num_stages == 2 else f'model.stages.{index}'}.selector"):
+                    depth = self.backbone_of(index - 1).depth
+                    self._attention_blocks[index - 1] = tuple(stage.selector.attention_blocks(depth))
+                    self.stage_length(index)  # the selector checks its region against the previous grid
+            self._records[index - 1] = (
+                any(h.needs_attention_logits for h in stage.hooks),
+                any(h.needs_block_tokens for h in stage.hooks),
+            )
+        # while True, every refining stage sees the whole image (the first LF-ViT/CF-ViT training phase)
         self.whole_image_stage2 = False
+        if self.num_stages == 2:  # checkpoints of the two-stage era load as they did
+            self.register_load_state_dict_pre_hook(_upgrade_loaded_keys)
 
-    # -- the two stages ---------------------------------------------------------
+    # -- structure --------------------------------------------------------------
+
+    def backbone_of(self, index: int) -> Backbone:
+        """The backbone stage ``index`` runs: its own, or the shared one."""
+        own = self.stages[index].backbone
+        return self.backbone if own is None else own
+
+    def stage_length(self, index: int) -> int:
+        """Tokens stage ``index`` processes, CLS included (fixed for a recipe)."""
+        stage, grid = self.stages[index], self.grids[index]
+        if not stage.refines:
+            return 1 + grid[0] * grid[1]
+        computed, reused = stage.selector.num_tokens(self.grids[index - 1], grid, self.backbone_of(index - 1).depth)
+        return 1 + computed + (reused if stage.reuser is not None else 0)
+
+    def __getattr__(self, name: str) -> object:
+        alias = _TWO_STAGE_ALIASES.get(name)
+        if alias is not None and "stages" in self._modules:
+            return getattr(self.stages[alias[0]], alias[1]) if self.num_stages == 2 else None
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        alias = _TWO_STAGE_ALIASES.get(name)
+        if alias is not None and "stages" in self.__dict__.get("_modules", {}):
+            if self.num_stages != 2:
+                raise AttributeError(f"pipe.{name} names a plugin of a two-stage pipeline; use pipe.stages[i].{name}")
+            setattr(self.stages[alias[0]], alias[1], value)
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def grid1(self) -> Grid:
+        """The first stage's grid."""
+        return self.grids[0]
+
+    @property
+    def grid2(self) -> Grid:
+        """The full-resolution grid (the last stage's)."""
+        return self.grids[-1] if self.num_stages > 1 else self.backbone.grid_size(self.image_size)
+
+    @property
+    def stage2_length(self) -> int:
+        """Tokens the last stage processes, CLS included."""
+        return self.stage_length(self.num_stages - 1)
+
+    # -- running the stages -------------------------------------------------------
 
     def _check_images(self, images: Tensor, check_finite: bool) -> Tensor:
         """Refuse what the model cannot read, naming the fix; other floating dtypes are cast to the weights'.
@@ -173,86 +306,137 @@ class DynamicPipeline(nn.Module):
                 )
         return images.to(self.backbone.dtype)
 
-    def _empty_selection(self, device: torch.device) -> Selection:
+    def _context(self, index: int, previous: StageOutput | None) -> StageContext:
+        logits, tokens = self._records[index]
+        return StageContext(
+            index=index,
+            grid=self.grids[index],
+            previous=previous,
+            attention_blocks=self._attention_blocks[index],
+            record_attention_logits=logits,
+            record_block_tokens=tokens,
+            hooks=tuple(self.stages[index].hooks),
+        )
+
+    def _empty_selection(self, index: int, device: torch.device) -> Selection:
+        grid1, grid2 = self.grids[index - 1], self.grids[index]
         if self.whole_image_stage2:
-            return Selection.whole_image(0, self.grid1, self.grid2, device)
-        computed, reused = self.selector.num_tokens(self.grid1, self.grid2, self.backbone.depth)
-        kept = computed * self.grid1[0] * self.grid1[1] // (self.grid2[0] * self.grid2[1])
+            return Selection.whole_image(0, grid1, grid2, device)
+        computed, reused = self.stages[index].selector.num_tokens(grid1, grid2, self.backbone_of(index - 1).depth)
+        kept = computed * grid1[0] * grid1[1] // (grid2[0] * grid2[1])
         empty = functools.partial(torch.zeros, dtype=torch.long, device=device)
         return Selection(empty(0, computed), empty(0, reused), empty(0, 4), empty(0, kept))
 
     def run_full_resolution(self, images: Tensor) -> Tensor:
-        """The plain backbone on the whole full-resolution image: (B, C) logits."""
-        pos = self.backbone.position_embedding(self.grid2)
+        """The plain shared backbone on the whole full-resolution image: (B, C) logits."""
+        grid = self.backbone.grid_size(self.image_size)
+        pos = self.backbone.position_embedding(grid)
         tokens = self.backbone.embed_patches(images) + pos[:, 1:]
         return self.backbone.encode(tokens, pos[:, :1]).logits
 
-    def run_stage1(self, images: Tensor) -> Stage1Output:
-        """Stage 1 on the downsampled images."""
-        low = self.downsampler(images)
-        grid = self.backbone.grid_size(tuple(low.shape[-2:]))
-        if grid != self.grid1:
-            raise ValueError(f"downsampler produced a {grid} grid, expected {self.grid1}")
-        pos = self.backbone.position_embedding(grid)
-        embeddings = self.backbone.embed_patches(low) + pos[:, 1:]
-        out = self.backbone.encode(embeddings, pos[:, :1], self._attention_blocks)
-        return Stage1Output(
-            logits=out.logits,
-            tokens=out.tokens,
-            class_attention=out.class_attention,
-            embeddings=embeddings,
-            grid=grid,
-        )
+    def run_whole_image(self, index: int, images: Tensor, previous: StageOutput | None = None) -> StageOutput:
+        """A whole-image stage: every patch of the (downsampled) image."""
+        stage, backbone = self.stages[index], self.backbone_of(index)
+        image = images if stage.downsampler is None else stage.downsampler(images)
+        grid = backbone.grid_size(tuple(image.shape[-2:]))
+        if grid != self.grids[index]:
+            raise ValueError(f"stage {index + 1} got a {grid} grid from its input, expected {self.grids[index]}")
+        pos = backbone.position_embedding(grid)
+        embeddings = backbone.embed_patches(image) + pos[:, 1:]
+        out = backbone.encode(embeddings, pos[:, :1], self._context(index, previous))
+        return StageOutput(**vars(out), embeddings=embeddings, grid=grid)
 
-    def select(self, stage1: Stage1Output) -> Selection:
+    def select(self, stage1: StageOutput, index: int = 1) -> Selection:
+        """The refining stage ``index``'s selection from the previous stage's output."""
+        grid1, grid2 = self.grids[index - 1], self.grids[index]
         if self.whole_image_stage2:
-            return Selection.whole_image(stage1.logits.shape[0], self.grid1, self.grid2, stage1.logits.device)
-        return self.selector(stage1, self.grid2)
+            return Selection.whole_image(stage1.logits.shape[0], grid1, grid2, stage1.logits.device)
+        return self.stages[index].selector(stage1, grid2)
 
-    def stage2_inputs(self, stage1: Stage1Output, selection: Selection) -> Stage2Inputs:
-        """What stage 2 takes from stage 1 for these samples: indices and the gathered stage-1 tokens."""
+    def refine_inputs(self, stage1: StageOutput, selection: Selection, index: int = 1) -> RefineInputs:
+        """What refining stage ``index`` takes from the previous stage: indices and gathered tokens."""
+        stage, grid1, grid2 = self.stages[index], self.grids[index - 1], self.grids[index]
         parent = kept_tokens = reused = None
-        if self.fuser is not None:
-            # the fuser sees only the kept stage-1 tokens, and each patch's parent as a slot among them
+        if stage.fuser is not None:
+            # the fuser sees only the kept tokens, and each patch's parent as a slot among them
             kept = selection.kept
-            slot = torch.empty(kept.shape[0], self.grid1[0] * self.grid1[1], dtype=kept.dtype, device=kept.device)
+            slot = torch.empty(kept.shape[0], grid1[0] * grid1[1], dtype=kept.dtype, device=kept.device)
             slot.scatter_(1, kept, torch.arange(kept.shape[1], device=kept.device).expand_as(kept))
-            parent = slot.gather(1, parent_index(selection.full_index, self.grid1, self.grid2))
+            parent = slot.gather(1, parent_index(selection.full_index, grid1, grid2))
             kept_tokens = gather_tokens(stage1.tokens[:, 1:], kept)
-        if self.reuser is not None and selection.reuse_index.shape[1] > 0:
-            reused = self.reuser(stage1, selection.reuse_index)
-        return Stage2Inputs(selection.full_index, parent, kept_tokens, reused)
+        if stage.reuser is not None and selection.reuse_index.shape[1] > 0:
+            reused = stage.reuser(stage1, selection.reuse_index)
+        return RefineInputs(selection.full_index, parent, kept_tokens, reused)
 
-    def encode_stage2(self, images: Tensor, inputs: Stage2Inputs) -> Tensor:
-        """Stage 2 proper: embed the selected full-resolution patches, fuse, append the reused tokens, encode."""
-        patches = self.backbone.embed_patches(images, inputs.full_index)
+    def encode_refined(
+        self, images: Tensor, inputs: RefineInputs, index: int = 1, previous: StageOutput | None = None
+    ) -> StageOutput:
+        """A refining stage proper: embed the selected patches, fuse, append the reused tokens, encode."""
+        stage, backbone, grid = self.stages[index], self.backbone_of(index), self.grids[index]
+        patches = backbone.embed_patches(images, inputs.full_index)
         if inputs.kept_tokens is not None:
-            patches = self.fuser(patches, inputs.kept_tokens, inputs.parent)
-        pos = self.backbone.position_embedding(self.grid2)
+            patches = stage.fuser(patches, inputs.kept_tokens, inputs.parent)
+        pos = backbone.position_embedding(grid)
         tokens = patches + gather_tokens(pos[:, 1:], inputs.full_index)
         if inputs.reused is not None:
             tokens = torch.cat([tokens, inputs.reused.to(tokens.dtype)], dim=1)
-        return self.backbone.encode(tokens, pos[:, :1]).logits
+        out = backbone.encode(tokens, pos[:, :1], self._context(index, previous))
+        return StageOutput(**vars(out), grid=grid)
 
-    def run_stage2(self, images: Tensor, stage1: Stage1Output, selection: Selection) -> Tensor:
-        """Stage 2 on the selected full-resolution tokens plus the reused stage-1 ones."""
-        return self.encode_stage2(images, self.stage2_inputs(stage1, selection))
+    def run_stage(
+        self, index: int, images: Tensor, previous: StageOutput | None = None, selection: Selection | None = None
+    ) -> StageOutput:
+        """Stage ``index`` on ``images``; ``previous`` is the previous stage's output for the same samples."""
+        if not self.stages[index].refines:
+            return self.run_whole_image(index, images, previous)
+        if selection is None:
+            selection = self.select(previous, index)
+        out = self.encode_refined(images, self.refine_inputs(previous, selection, index), index, previous)
+        out.selection = selection
+        return out
+
+    # the two-stage names, for LF-ViT-shaped pipelines and the compiled and exported cascades
+
+    def run_stage1(self, images: Tensor) -> StageOutput:
+        """The first stage on the whole batch."""
+        return self.run_stage(0, images)
+
+    def stage2_inputs(self, stage1: StageOutput, selection: Selection) -> RefineInputs:
+        return self.refine_inputs(stage1, selection, 1)
+
+    def encode_stage2(self, images: Tensor, inputs: RefineInputs) -> Tensor:
+        return self.encode_refined(images, inputs, 1).logits
+
+    def run_stage2(self, images: Tensor, stage1: StageOutput, selection: Selection) -> Tensor:
+        """The second stage's logits given the first stage's output and a selection."""
+        return self.run_stage(1, images, stage1, selection).logits
 
     # -- public entry points ----------------------------------------------------
 
     def forward(self, images: Tensor) -> PipelineOutput:
-        """Every sample through every stage (training; eta = 1)."""
+        """Every sample through every stage (training; no exits)."""
         images = self._check_images(images, check_finite=not self.training)
         if images.shape[0] == 0:
-            empty = images.new_zeros(0, self.backbone.num_classes)
-            selection = None if self.num_stages == 1 else self._empty_selection(images.device)
-            return PipelineOutput(logits=(empty,) * self.num_stages, selection=selection)
-        if self.num_stages == 1:
-            return PipelineOutput(logits=(self.run_full_resolution(images),))
-        stage1 = self.run_stage1(images)
-        selection = self.select(stage1)
-        logits2 = self.run_stage2(images, stage1, selection)
-        return PipelineOutput(logits=(stage1.logits, logits2), selection=selection)
+            return self._empty_output(images)
+        outputs: list[StageOutput] = []
+        for index in range(self.num_stages):
+            outputs.append(self.run_stage(index, images, outputs[-1] if outputs else None))
+        return PipelineOutput(stages=tuple(outputs))
+
+    def _empty_output(self, images: Tensor) -> PipelineOutput:
+        empty = images.new_zeros(0, self.backbone.num_classes)
+        return PipelineOutput(
+            stages=tuple(
+                StageOutput(
+                    logits=empty,
+                    tokens=images.new_zeros(0, self.stage_length(i), self.backbone_of(i).embed_dim),
+                    class_attention={},
+                    grid=self.grids[i],
+                    selection=self._empty_selection(i, images.device) if self.stages[i].refines else None,
+                )
+                for i in range(self.num_stages)
+            )
+        )
 
     def compile(
         self, mode: str | None = None, buckets: Sequence[int] | None = None, **compile_kwargs: object
@@ -281,9 +465,23 @@ class DynamicPipeline(nn.Module):
         """The :class:`~dynvit.cascade.CompiledCascade` :meth:`infer` runs through, or None."""
         return self.__dict__.get("_cascade")
 
+    def thresholds(self, threshold: float | Sequence[float] | None) -> list[float | None]:
+        """One threshold per exit (None: the exit policy's own); a single number serves every exit."""
+        exits = self.num_stages - 1
+        if threshold is None or isinstance(threshold, (int, float)):
+            return [threshold] * exits
+        values = list(threshold)
+        if len(values) != exits:
+            raise ValueError(f"this pipeline has {exits} exits; give {exits} thresholds, got {len(values)}")
+        return values
+
     @torch.no_grad()
-    def infer(self, images: Tensor, threshold: float | None = None) -> InferenceResult:
-        """Early-exit inference; ``threshold`` overrides the exit policy's own."""
+    def infer(self, images: Tensor, threshold: float | Sequence[float] | None = None) -> InferenceResult:
+        """Early-exit inference; ``threshold`` overrides the exit policies' own (one number, or one per exit).
+
+        Each stage runs once on the sub-batch of samples that have not
+        exited, compacted with one ``nonzero`` per stage.
+        """
         images = self._check_images(images, check_finite=True)
         if images.shape[0] == 0:
             empty = images.new_zeros(0, self.backbone.num_classes)
@@ -291,37 +489,45 @@ class DynamicPipeline(nn.Module):
         cascade = self.__dict__.get("_cascade")
         if cascade is not None:
             return cascade.infer(images, threshold, checked=True)
-        if self.num_stages == 1:
-            logits = self.run_full_resolution(images)
-            ones = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
-            return InferenceResult(logits=logits, exit_stage=ones, stage1_logits=logits)
-        stage1 = self.run_stage1(images)
-        exits = self.exit_policy(stage1.logits, threshold)
-        exit_stage = torch.where(exits, 1, 2)
-        logits = stage1.logits.clone()
-        # select for the whole batch before the host waits on the exit decision: the GPU keeps busy
-        selection = self.select(stage1)
-        remaining = torch.nonzero(~exits).squeeze(1)
-        if remaining.numel() > 0:
-            selection = selection.take(remaining)
-            sub = stage1.take(remaining, with_attention=False)
-            logits[remaining] = self.run_stage2(images[remaining], sub, selection).to(logits.dtype)
-        else:
-            selection = None
-        return InferenceResult(logits=logits, exit_stage=exit_stage, stage1_logits=stage1.logits, selection=selection)
+        thresholds = self.thresholds(threshold)
+        out = self.run_stage(0, images)
+        first_logits, logits = out.logits, out.logits.clone()
+        exit_stage = torch.full((images.shape[0],), self.num_stages, dtype=torch.long, device=images.device)
+        active: Tensor | None = None  # batch indices of the samples still running; None: all
+        selection = None
+        for index in range(1, self.num_stages):
+            exits = self.stages[index - 1].exit_policy(out.logits, thresholds[index - 1])
+            if active is None:
+                exit_stage = torch.where(exits, index, exit_stage)
+            else:
+                exit_stage[active] = torch.where(exits, index, self.num_stages)
+            # select for the whole sub-batch before the host waits on the exit decision: the GPU keeps busy
+            refines = self.stages[index].refines
+            chosen = self.select(out, index) if refines else None
+            remaining = torch.nonzero(~exits).squeeze(1)
+            if remaining.numel() == 0:
+                selection = None if refines else selection
+                break
+            active = remaining if active is None else active[remaining]
+            if refines:
+                chosen = chosen.take(remaining)
+                selection = chosen
+            keep_attention = not refines and index + 1 < self.num_stages
+            previous = out.take(remaining, with_attention=keep_attention)
+            out = self.run_stage(index, images[active], previous, chosen)
+            logits[active] = out.logits.to(logits.dtype)
+        return InferenceResult(logits=logits, exit_stage=exit_stage, stage1_logits=first_logits, selection=selection)
 
     def compute_loss(self, output: PipelineOutput, target: Tensor) -> Tensor:
         if self.loss is None:
             raise RuntimeError("this pipeline was built without a loss; give the recipe a 'loss' section")
-        return self.loss(output.logits, target)
+        return self.loss(output, target)
 
-    @property
-    def stage2_length(self) -> int:
-        """Tokens stage 2 processes, CLS included (fixed for a recipe)."""
-        if self.num_stages == 1:
-            return 1 + self.grid2[0] * self.grid2[1]
-        computed, reused = self.selector.num_tokens(self.grid1, self.grid2, self.backbone.depth)
-        return 1 + computed + (reused if self.reuser is not None else 0)
+
+def _upgrade_loaded_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    upgraded = upgrade_state_dict_keys(state_dict, prefix)
+    state_dict.clear()
+    state_dict.update(upgraded)
 
 
 @contextlib.contextmanager
@@ -343,32 +549,54 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
     """
     model = recipe.model
     image_size = int(model.image_size)
-    sections = {kind: dotted for dotted, kind in PLUGIN_SECTIONS.items()}  # stage kind -> its recipe key
+    sections = stage_sections(model)
 
-    def build(kind: str, section: DictConfig, **context: object) -> nn.Module:
-        config = OmegaConf.to_container(section, resolve=True)
-        with _naming(f"{sections[kind]} ({config.get('type')})"):
+    def build(kind: str, key: str, section: DictConfig | dict, **context: object) -> nn.Module:
+        config = section if isinstance(section, dict) else OmegaConf.to_container(section, resolve=True)
+        with _naming(f"{key} ({config.get('type')})"):
             try:
                 return registry(kind).build(config, **context)
             except TypeError as exc:  # a constructor refusing an argument's type
                 raise ValueError(str(exc)) from None
 
-    downsampler = None
-    stage_sizes: Sequence[int] = (image_size,)
-    if model.stages == 2:
-        downsampler = build("downsampler", model.downsampler)
-        stage_sizes = (downsampler.output_size(image_size), image_size)
-    backbone = build("backbone", model.backbone, image_size=image_size, stage_image_sizes=tuple(stage_sizes))
-    two = model.stages == 2
-    selector = build("region_selector", model.selector) if two else None
-    fuser = build("fuser", model.fuser, embed_dim=backbone.embed_dim) if two else None
-    reuser = build("token_reuser", model.reuser, embed_dim=backbone.embed_dim) if two else None
-    exit_policy = build("exit_policy", model.exit) if two else None
-    loss = build("loss", recipe.loss) if with_loss else None
-    # a no-op fuser or reuser (is_noop) is left out, so stage 2 skips its gathers entirely
-    fuser = None if getattr(fuser, "is_noop", False) else fuser
-    reuser = None if getattr(reuser, "is_noop", False) else reuser
-    return DynamicPipeline(backbone, downsampler, selector, fuser, reuser, exit_policy, loss, image_size)
+    # each stage's input side, so every backbone gets a position table per grid it serves
+    downsamplers = [
+        build("downsampler", *s.plugins["downsampler"]) if "downsampler" in s.plugins else None for s in sections
+    ]
+    sides = [image_size if d is None else d.output_size(image_size) for d in downsamplers]
+    shared_sides = tuple(dict.fromkeys(side for side, s in zip(sides, sections) if "backbone" not in s.plugins))
+    backbone = build(
+        "backbone", "model.backbone", model.backbone, image_size=image_size, stage_image_sizes=shared_sides or (image_size,)
+    )
+    stages = []
+    for index, (stage, downsampler, side) in enumerate(zip(sections, downsamplers, sides)):
+        plugins = stage.plugins
+        own = None
+        if "backbone" in plugins:
+            own = build("backbone", *plugins["backbone"], image_size=image_size, stage_image_sizes=(side,))
+        embed_dim = (own or backbone).embed_dim
+
+        def optional(key: str, kind: str, **context: object) -> nn.Module | None:
+            return build(kind, *plugins[key], **context) if key in plugins else None  # noqa: B023
+
+        hooks = [
+            build("encoder_hook", key, hook, embed_dim=embed_dim, previous=index - 1, current=index)
+            for key, hook in stage.hooks
+        ]
+        with _naming(f"model.stages.{index}"):
+            stages.append(
+                PipelineStage(
+                    backbone=own,
+                    downsampler=downsampler,
+                    selector=optional("selector", "region_selector"),
+                    fuser=optional("fuser", "fuser", embed_dim=embed_dim),
+                    reuser=optional("reuser", "token_reuser", embed_dim=embed_dim),
+                    hooks=hooks,
+                    exit_policy=optional("exit", "exit_policy"),
+                )
+            )
+    loss = build("loss", "loss", recipe.loss) if with_loss else None
+    return DynamicPipeline(backbone, stages, loss, image_size)
 
 
 def check_buildable(recipe: DictConfig, source: str = "recipe") -> None:
@@ -378,8 +606,12 @@ def check_buildable(recipe: DictConfig, source: str = "recipe") -> None:
     grid or a ``first_block`` beyond the depth before any work starts.
     """
     recipe = copy.deepcopy(recipe)
-    if recipe.model.backbone.get("checkpoint") is not None:
-        recipe.model.backbone.checkpoint = None  # read when the real pipeline is built
+    backbones = [recipe.model.backbone]
+    if not isinstance(recipe.model.stages, int):
+        backbones += [stage.backbone for stage in recipe.model.stages if stage.get("backbone") is not None]
+    for section in backbones:
+        if section.get("checkpoint") is not None:
+            section.checkpoint = None  # read when the real pipeline is built
     try:
         with torch.device("meta"):
             build_pipeline(recipe, with_loss=True)

@@ -35,12 +35,61 @@ PLUGIN_SECTIONS: dict[str, str] = {
     "loss": "loss",
 }
 
+# keys of one entry of a ``model.stages`` list -> the stage kind of the plugin each names
+STAGE_KEYS: dict[str, str] = {
+    "backbone": "backbone",  # the stage's own backbone; without it the stage runs model.backbone
+    "downsampler": "downsampler",
+    "selector": "region_selector",
+    "fuser": "fuser",
+    "reuser": "token_reuser",
+    "exit": "exit_policy",
+}
+HOOKS_KEY = "hooks"  # a list of encoder_hook plugins
+
+# the two-stage shorthand (model.stages: 2): which top-level section serves which stage
+SHORTHAND_STAGES: tuple[dict[str, str], ...] = (
+    {"downsampler": "model.downsampler", "exit": "model.exit"},
+    {"selector": "model.selector", "fuser": "model.fuser", "reuser": "model.reuser"},
+)
+
 # constructor arguments the pipeline supplies; a recipe does not set them
 CONTEXT_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "backbone": ("image_size", "stage_image_sizes"),
     "fuser": ("embed_dim",),
     "token_reuser": ("embed_dim",),
+    "encoder_hook": ("embed_dim", "previous", "current"),
 }
+
+
+@dataclass(frozen=True)
+class StageSections:
+    """The recipe sections one stage is built from: stage key -> (dotted recipe key, section)."""
+
+    plugins: dict[str, tuple[str, Any]]
+    hooks: list[tuple[str, Any]]
+
+
+def stage_sections(model: DictConfig) -> list[StageSections]:
+    """Every stage's plugin sections in order, the one- and two-stage shorthands expanded.
+
+    ``model.stages: 1`` is one whole-image stage; ``2`` is LF-ViT's shape
+    from the top-level sections; a list names each stage's sections itself.
+    """
+    stages = model.stages
+    if stages == 1:
+        return [StageSections({}, [])]
+    if isinstance(stages, int):
+        return [
+            StageSections({key: (dotted, _section(model, dotted.removeprefix("model."))) for key, dotted in s.items()}, [])
+            for s in SHORTHAND_STAGES
+        ]
+    result = []
+    for i, stage in enumerate(stages):
+        prefix = f"model.stages.{i}"
+        plugins = {key: (f"{prefix}.{key}", stage[key]) for key in STAGE_KEYS if stage.get(key) is not None}
+        hooks = [(f"{prefix}.{HOOKS_KEY}.{j}", h) for j, h in enumerate(stage.get(HOOKS_KEY) or [])]
+        result.append(StageSections(plugins, hooks))
+    return result
 
 
 # key -> (is the value valid?, what it must be); checked when a recipe loads (None always passes)
@@ -85,8 +134,10 @@ class ModelConfig:
     """The stages of the pipeline; each plugin section is ``{type: NAME, **arguments}``."""
 
     image_size: int = 224
-    stages: int = 2  # 1: plain backbone at full resolution (baselines)
-    backbone: dict[str, Any] = _plugin("timm_vit")
+    # 1: plain backbone at full resolution (baselines); 2: LF-ViT's shape from the sections below;
+    # or a list of stages, each a mapping of the STAGE_KEYS it uses (see stage_sections)
+    stages: Any = 2
+    backbone: dict[str, Any] = _plugin("timm_vit")  # every stage's backbone unless the stage names its own
     downsampler: dict[str, Any] = _plugin("bilinear")
     selector: dict[str, Any] = _plugin("full_image")
     fuser: dict[str, Any] = _plugin("none")
@@ -332,16 +383,59 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         raise RecipeError(f"{file}: {getattr(exc, 'full_key', '?')}: {str(exc).splitlines()[0]}") from None
+    _check_stage_list(merged, section_source, file)
     for dotted, kind in PLUGIN_SECTIONS.items():
         _validate_plugin_section(merged, dotted, kind, section_source[dotted])
-    if merged.model.stages not in (1, 2):
-        raise RecipeError(f"{file}: model.stages must be 1 or 2, got {merged.model.stages}")
+    for sections in stage_sections(merged.model) if not isinstance(merged.model.stages, int) else ():
+        for key, (dotted, _) in sections.plugins.items():
+            _validate_plugin_section(merged, dotted, STAGE_KEYS[key], str(file))
+        for dotted, _ in sections.hooks:
+            _validate_plugin_section(merged, dotted, "encoder_hook", str(file))
     _check_values(merged, file)
     merged.base = None
     from dynvit.pipeline import check_buildable
 
     check_buildable(merged, source=str(file))
     return merged
+
+
+def _check_stage_list(recipe: DictConfig, section_source: dict[str, str], file: Path) -> None:
+    """``model.stages`` is 1, 2 or a list of stage mappings that each say what they use."""
+    stages = recipe.model.stages
+    if isinstance(stages, int) and not isinstance(stages, bool):
+        if stages not in (1, 2):
+            raise RecipeError(
+                f"{file}: model.stages must be 1, 2 or a list of stages (each a mapping of "
+                f"{', '.join([*STAGE_KEYS, HOOKS_KEY])}), got {stages}"
+            )
+        return
+    if not OmegaConf.is_list(stages) or len(stages) == 0:
+        raise RecipeError(f"{file}: model.stages must be 1, 2 or a non-empty list of stage mappings, got {stages!r}")
+    shorthand = [dotted for stage in SHORTHAND_STAGES for dotted in stage.values()]
+    set_here = [d for d in shorthand if section_source.get(d, "defaults") != "defaults"]
+    if set_here:
+        raise RecipeError(
+            f"{section_source[set_here[0]]}: {', '.join(set_here)} is read only by the two-stage shorthand "
+            f"(model.stages: 2); with a list of stages set it in the stage, e.g. model.stages.0.exit"
+        )
+    accepted = [*STAGE_KEYS, HOOKS_KEY]
+    for i, stage in enumerate(stages):
+        if not OmegaConf.is_dict(stage):
+            raise RecipeError(f"{file}: model.stages.{i} must be a mapping of {', '.join(accepted)}, got {stage!r}")
+        unknown = [k for k in stage if k not in accepted]
+        if unknown:
+            raise RecipeError(
+                f"{file}: model.stages.{i}.{unknown[0]}: unknown stage key; accepted keys: {', '.join(accepted)}"
+            )
+        last = i == len(stages) - 1
+        if last and stage.get("exit") is not None:
+            raise RecipeError(f"{file}: model.stages.{i}.exit: the last stage has no exit policy; remove it")
+        if not last and stage.get("exit") is None:
+            raise RecipeError(
+                f"{file}: model.stages.{i} needs an exit policy, e.g. exit: {{type: confidence, threshold: 0.8}}"
+            )
+        if stage.get(HOOKS_KEY) is not None and not OmegaConf.is_list(stage[HOOKS_KEY]):
+            raise RecipeError(f"{file}: model.stages.{i}.{HOOKS_KEY} must be a list of {{type: NAME, ...}} mappings")
 
 
 def _check_values(recipe: DictConfig, source: Path) -> None:

@@ -27,6 +27,7 @@ STAGE_KINDS = (
     "region_selector",
     "token_reuser",
     "fuser",
+    "encoder_hook",
     "loss",
 )
 

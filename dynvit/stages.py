@@ -1,17 +1,19 @@
 """Stage contracts: what each pluggable stage takes and returns.
 
-Shapes use B = batch, C = classes, D = embedding width, N1 / N2 = patch
-tokens of the stage-1 (low-resolution) and stage-2 (full-resolution) grids,
-M = full-resolution tokens computed afresh in stage 2, R = stage-1 tokens
-reused in stage 2. M and R are fixed by a recipe, so stage 2 has static
-shapes whatever the image.
+A pipeline is a list of stages. Each runs a backbone over a token
+sequence: the whole (possibly downsampled) image, or the tokens a region
+selector picks at the stage's own resolution from what the previous stage
+saw. Shapes use B = batch, C = classes, D = embedding width, N = patch
+tokens of a stage's grid, M = tokens of this stage's grid computed afresh,
+R = previous-stage tokens reused. M and R are fixed by a recipe, so every
+stage has static shapes whatever the image.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -19,42 +21,67 @@ from torch import Tensor, nn
 Grid = tuple[int, int]
 
 
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """(B or 1, N, D) tokens at (B, M) indices -> (B, M, D)."""
+    index = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens.expand(index.shape[0], -1, -1), 1, index)
+
+
 @dataclass
 class BackboneOutput:
-    """What one pass of the backbone over a token sequence yields."""
+    """What one pass of the backbone over a token sequence yields.
+
+    ``attention_logits`` and ``block_tokens`` are recorded only when a
+    later stage's plugin asks for them (see :class:`StageContext`).
+    """
 
     logits: Tensor  # (B, C)
     tokens: Tensor  # (B, 1 + L, D) after the final norm; index 0 is CLS
     class_attention: dict[int, Tensor]  # block -> (B, L): CLS query over the L patch tokens, head-mean
+    attention_logits: list[Tensor] | None = None  # per block (B, H, 1 + L, 1 + L), scaled, before softmax
+    block_tokens: list[Tensor] | None = None  # per block (B, 1 + L, D), the block's output
+    aux: dict[str, Tensor] = field(default_factory=dict)  # what hooks leave for losses or later stages
 
 
 @dataclass
-class Stage1Output(BackboneOutput):
-    """Stage-1 pass plus what later stages reuse from it."""
+class StageOutput(BackboneOutput):
+    """One stage's pass plus what later stages reuse from it."""
 
-    embeddings: Tensor  # (B, N1, D) stage-1 input embeddings (patch embedding + position)
-    grid: Grid  # stage-1 patch grid (rows, cols)
+    embeddings: Tensor | None = None  # (B, N, D) input embeddings (patch + position) of a whole-image stage
+    grid: Grid = (0, 0)  # this stage's patch grid (rows, cols)
+    selection: Selection | None = None  # the tokens a refining stage computed
 
-    def take(self, index: Tensor, with_attention: bool = True) -> Stage1Output:
+    def take(self, index: Tensor, with_attention: bool = True) -> StageOutput:
         """The same outputs for a sub-batch (``index`` into the batch)."""
-        return Stage1Output(
+
+        def pick(values: list[Tensor] | None) -> list[Tensor] | None:
+            return None if values is None else [v[index] for v in values]
+
+        return StageOutput(
             logits=self.logits[index],
             tokens=self.tokens[index],
             class_attention={k: v[index] for k, v in self.class_attention.items()} if with_attention else {},
-            embeddings=self.embeddings[index],
+            attention_logits=pick(self.attention_logits),
+            block_tokens=pick(self.block_tokens),
+            aux={k: v[index] for k, v in self.aux.items()},
+            embeddings=None if self.embeddings is None else self.embeddings[index],
             grid=self.grid,
+            selection=None if self.selection is None else self.selection.take(index),
         )
+
+
+Stage1Output = StageOutput  # the name of the two-stage era
 
 
 @dataclass
 class Selection:
-    """Which tokens stage 2 computes at full resolution and which it reuses.
+    """Which tokens a refining stage computes at its resolution and which it reuses.
 
-    ``full_index``: (B, M) indices into the flattened full-resolution grid.
-    ``reuse_index``: (B, R) indices into the flattened stage-1 grid.
-    ``region``: (B, 4) the chosen window on the stage-1 grid as
+    ``full_index``: (B, M) indices into this stage's flattened grid.
+    ``reuse_index``: (B, R) indices into the previous stage's flattened grid.
+    ``region``: (B, 4) the chosen window on the previous stage's grid as
     (row, col, height, width), for pictures and tests.
-    ``kept``: (B, K) stage-1 indices whose full-resolution children are in
+    ``kept``: (B, K) previous-stage indices whose children are in
     ``full_index``; the parent of every ``full_index`` cell is among them.
     """
 
@@ -69,12 +96,72 @@ class Selection:
 
     @classmethod
     def whole_image(cls, batch: int, grid1: Grid, grid2: Grid, device: torch.device | None = None) -> Selection:
-        """Every full-resolution token, nothing reused: stage 2 sees the whole image."""
+        """Every token of the finer grid, nothing reused: the stage sees the whole image."""
         n1, n2 = grid1[0] * grid1[1], grid2[0] * grid2[1]
         full = torch.arange(n2, device=device).expand(batch, n2)
         kept = torch.arange(n1, device=device).expand(batch, n1)
         region = torch.tensor([0, 0, grid1[0], grid1[1]], device=device).expand(batch, 4)
         return cls(full, full.new_zeros(batch, 0), region, kept)
+
+
+@dataclass
+class PipelineOutput:
+    """Training-mode result: every stage on every sample. This is what a :class:`Loss` receives."""
+
+    stages: tuple[StageOutput, ...]
+
+    @property
+    def logits(self) -> tuple[Tensor, ...]:
+        """One (B, C) tensor per stage."""
+        return tuple(stage.logits for stage in self.stages)
+
+    @property
+    def selection(self) -> Selection | None:
+        """What the last refining stage looked at (None if no stage refines)."""
+        return next((s.selection for s in reversed(self.stages) if s.selection is not None), None)
+
+
+@dataclass
+class BlockEdits:
+    """How a hook changes the blocks of one stage's pass; each callable takes the block index.
+
+    ``attention_bias(block)``: None or a float tensor broadcastable to
+    (B, H, L, L), added to the scaled attention logits before the softmax
+    (the fused attention kernel takes it as its additive mask).
+    ``mlp_hidden(block)``: None or (B, L, hidden), added to the output of
+    the block MLP's first linear layer (extra MLP input channels, folded).
+    """
+
+    attention_bias: Callable[[int], Tensor | None] | None = None
+    mlp_hidden: Callable[[int], Tensor | None] | None = None
+
+
+class EncoderHook(nn.Module, ABC):
+    """Takes part in one stage's pass through its backbone's blocks, from what the previous stage left.
+
+    Declares what it needs the previous stage to record; the pipeline asks
+    that stage for it, and nothing is recorded when no hook asks.
+    """
+
+    needs_attention_logits: bool = False
+    needs_block_tokens: bool = False
+
+    @abstractmethod
+    def prepare(self, context: StageContext, backbone: Backbone) -> BlockEdits:
+        """Compute, once per pass, the block edits of this stage from ``context.previous``."""
+
+
+@dataclass
+class StageContext:
+    """What ``encode`` is told about the stage it runs."""
+
+    index: int  # 0-based stage
+    grid: Grid  # this stage's patch grid
+    previous: StageOutput | None = None  # what the previous stage left, sub-batched like the tokens
+    attention_blocks: Sequence[int] = ()  # blocks whose CLS attention row to record
+    record_attention_logits: bool = False  # every block's attention logits (a later hook asks)
+    record_block_tokens: bool = False  # every block's output tokens (a later hook asks)
+    hooks: Sequence[EncoderHook] = ()
 
 
 class Downsampler(nn.Module, ABC):
@@ -89,11 +176,11 @@ class Downsampler(nn.Module, ABC):
 
 
 class Backbone(nn.Module, ABC):
-    """A ViT whose blocks, final norm and head serve every stage.
+    """A ViT whose blocks, final norm and head serve one or more stages.
 
-    The pipeline builds the token sequence (patch embeddings plus this
+    The pipeline builds the token sequence (patch embeddings plus the
     stage's position table, possibly fused, gathered or reused) and hands
-    it to :meth:`encode`, which prepends CLS and runs the shared layers.
+    it to :meth:`encode`, which prepends CLS and runs the blocks.
     """
 
     embed_dim: int
@@ -120,16 +207,17 @@ class Backbone(nn.Module, ABC):
         """Position table of one stage's grid: (1, 1 + N, D); row 0 is CLS."""
 
     @abstractmethod
-    def encode(self, tokens: Tensor, cls_position: Tensor, attention_blocks: Sequence[int] = ()) -> BackboneOutput:
-        """Run (B, L, D) patch tokens, position already added, through the shared layers.
+    def encode(self, tokens: Tensor, cls_position: Tensor, context: StageContext | None = None) -> BackboneOutput:
+        """Run (B, L, D) patch tokens, position already added, through the blocks, final norm and head.
 
-        ``attention_blocks`` names the blocks whose CLS attention row is
-        returned in ``class_attention``.
+        ``context`` says which stage this is, which CLS attention rows and
+        per-block records to return, and which hooks edit the blocks; None
+        is a plain pass.
         """
 
 
 class ExitPolicy(nn.Module, ABC):
-    """Decides which samples stop after stage 1 (inference only).
+    """Decides which samples stop after a stage (inference only).
 
     A policy scores each sample; it exits when its score is >= the
     threshold. Exposing the score lets evaluation sweep every threshold in
@@ -140,29 +228,29 @@ class ExitPolicy(nn.Module, ABC):
 
     @abstractmethod
     def score(self, logits: Tensor) -> Tensor:
-        """(B, C) stage-1 logits -> (B,) float score; higher means more certain."""
+        """(B, C) stage logits -> (B,) float score; higher means more certain."""
 
     def forward(self, logits: Tensor, threshold: float | None = None) -> Tensor:
-        """(B, C) stage-1 logits -> (B,) bool, True where the sample exits."""
+        """(B, C) stage logits -> (B,) bool, True where the sample exits."""
         return self.score(logits) >= (self.threshold if threshold is None else threshold)
 
 
 class RegionSelector(nn.Module, ABC):
-    """Chooses the stage-2 tokens from what stage 1 saw."""
+    """Chooses a refining stage's tokens from what the previous stage saw."""
 
     def attention_blocks(self, depth: int) -> list[int]:
-        """Blocks whose CLS attention stage 1 must return (none by default)."""
+        """Blocks whose CLS attention the previous stage must return (none by default)."""
         return []
 
     def num_tokens(self, grid1: Grid, grid2: Grid, depth: int) -> tuple[int, int]:
-        """(M, R): full-resolution tokens computed and stage-1 tokens reused per image.
+        """(M, R): tokens of the finer grid computed and previous-stage tokens reused per image.
 
-        The default runs the selector once on a dummy stage-1 output;
+        The default runs the selector once on a dummy previous-stage output;
         selectors that know their counts say so without running.
         """
         n1 = grid1[0] * grid1[1]
         device = next((t.device for t in self.buffers()), None)
-        probe = Stage1Output(
+        probe = StageOutput(
             logits=torch.zeros(1, 1, device=device),
             tokens=torch.zeros(1, 1 + n1, 1, device=device),
             class_attention={b: torch.rand(1, n1, device=device) for b in self.attention_blocks(depth)},
@@ -173,11 +261,14 @@ class RegionSelector(nn.Module, ABC):
         return selection.full_index.shape[1], selection.reuse_index.shape[1]
 
     @abstractmethod
-    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection: ...
+    def forward(self, stage1: StageOutput, grid2: Grid) -> Selection:
+        """The previous stage's output and this stage's grid -> which tokens to compute and reuse."""
 
 
 class Fuser(nn.Module, ABC):
-    """Enriches the full-resolution patch embeddings with stage-1 features."""
+    """Enriches a refining stage's patch embeddings with the previous stage's features."""
+
+    is_noop: bool = False  # True: the pipeline leaves the fuser out and skips its gathers
 
     @abstractmethod
     def forward(self, patches: Tensor, stage1_tokens: Tensor, parent: Tensor) -> Tensor:
@@ -186,16 +277,19 @@ class Fuser(nn.Module, ABC):
 
 
 class TokenReuser(nn.Module, ABC):
-    """Supplies stage-1 tokens that stand in for the full-resolution ones not computed."""
+    """Supplies previous-stage tokens that stand in for the finer ones not computed."""
+
+    is_noop: bool = False  # True: the pipeline leaves the reuser out and skips its gathers
 
     @abstractmethod
-    def forward(self, stage1: Stage1Output, reuse_index: Tensor) -> Tensor:
+    def forward(self, stage1: StageOutput, reuse_index: Tensor) -> Tensor:
         """(B, R) stage-1 indices -> (B, R', D) tokens appended to stage 2 (R' may be 0)."""
 
 
 class Loss(nn.Module, ABC):
-    """Training objective over every stage's logits."""
+    """Training objective over the whole pipeline output: every stage's logits and aux outputs."""
 
     @abstractmethod
-    def forward(self, logits: Sequence[Tensor], target: Tensor) -> Tensor:
-        """Stage logits (each (B, C)) and targets ((B,) labels or (B, C) soft) -> scalar."""
+    def forward(self, output: PipelineOutput, target: Tensor) -> Tensor:
+        """The pipeline's output (``output.logits``: one (B, C) per stage; ``output.stages[i].aux``) and
+        targets ((B,) labels or (B, C) soft) -> scalar."""

@@ -178,6 +178,10 @@ def load_pipeline_state(
     pipe: nn.Module, state: Mapping[str, Tensor], file: PathLike, strict: bool = True
 ) -> LoadReport:
     """:func:`load_pipeline_weights` for a state dict in memory; ``file`` names it in messages."""
+    from dynvit.pipeline import upgrade_state_dict_keys
+
+    if getattr(pipe, "num_stages", None) == 2:  # a two-stage checkpoint written before the stage list
+        state = upgrade_state_dict_keys(state)
     own = pipe.state_dict()
     report = _compare(state, own)
     if strict and not report.exact:

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from dynvit.registry import register
-from dynvit.stages import Backbone, BackboneOutput, Grid
+from dynvit.stages import Backbone, BackboneOutput, Grid, StageContext
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -143,9 +143,13 @@ class TimmViT(Backbone):
             grid = self.grid_size(size)
             if grid != self.native_grid:
                 self.stage_pos_embed[_grid_key(grid)] = nn.Parameter(self._resample_native(grid))
-        self._capture: dict[int, Tensor] | None = None
+        self._capture: dict[int, Tensor] | None = None  # per-pass records and edits, set by encode
+        self._attention_logits: list[Tensor] | None = None
+        self._attention_bias: Tensor | None = None
+        self._mlp_hidden: Tensor | None = None
         for index, block in enumerate(model.blocks):
             block.attn.qkv.register_forward_hook(functools.partial(self._capture_class_attention, index))
+            block.mlp.fc1.register_forward_hook(self._add_mlp_hidden)
         if checkpoint:
             from dynvit.weights import load_backbone_checkpoint
 
@@ -212,28 +216,79 @@ class TimmViT(Backbone):
         pixels = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
         return torch.gather(pixels, 1, index.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))
 
-    def encode(self, tokens: Tensor, cls_position: Tensor, attention_blocks: Sequence[int] = ()) -> BackboneOutput:
+    def encode(self, tokens: Tensor, cls_position: Tensor, context: StageContext | None = None) -> BackboneOutput:
+        """timm's blocks, final norm and head over CLS + ``tokens``.
+
+        Without hooks or per-block records the blocks run as timm runs them
+        (``model.blocks(x)``, fused attention); CLS attention rows come from a
+        hook on each block's ``qkv``. Hooks' attention biases go to timm's
+        own ``attn_mask`` argument, so the fused kernel stays.
+        """
         model = self.model
         cls = (model.cls_token + cls_position).expand(tokens.shape[0], -1, -1)
         x = model.pos_drop(torch.cat([cls, tokens], dim=1))
         x = model.norm_pre(x)
-        self._capture = {b: None for b in attention_blocks} if attention_blocks else None
+        context = context or StageContext(index=0, grid=(0, 0))
+        edits = [hook.prepare(context, self) for hook in context.hooks]
+        per_block = bool(edits) or context.record_attention_logits or context.record_block_tokens
+        self._capture = {b: None for b in context.attention_blocks} if context.attention_blocks else None
+        self._attention_logits = [] if context.record_attention_logits else None
+        block_tokens = [] if context.record_block_tokens else None
         try:
-            x = model.blocks(x)
+            if not per_block:
+                x = model.blocks(x)
+            for index, block in enumerate(model.blocks if per_block else ()):
+                biases = [e.attention_bias(index) for e in edits if e.attention_bias is not None]
+                hidden = [e.mlp_hidden(index) for e in edits if e.mlp_hidden is not None]
+                bias = _sum_present(biases)
+                self._attention_bias = bias
+                self._mlp_hidden = _sum_present(hidden)
+                x = block(x, attn_mask=None if bias is None else bias.to(x.dtype))
+                if block_tokens is not None:
+                    block_tokens.append(x)
             captured = self._capture or {}
+            attention_logits = self._attention_logits
         finally:
-            self._capture = None
+            self._capture = self._attention_logits = self._attention_bias = self._mlp_hidden = None
         x = model.norm(x)
-        return BackboneOutput(logits=model.forward_head(x), tokens=x, class_attention=dict(captured))
+        return BackboneOutput(
+            logits=model.forward_head(x),
+            tokens=x,
+            class_attention=dict(captured),
+            attention_logits=attention_logits,
+            block_tokens=block_tokens,
+        )
 
     def _capture_class_attention(self, index: int, module: nn.Module, args: tuple, qkv: Tensor) -> None:
-        """qkv hook: the CLS query's attention row, computed alone (timm keeps its fused kernel)."""
-        if self._capture is None or index not in self._capture:
+        """qkv hook: the CLS query's attention row, computed alone (timm keeps its fused kernel).
+
+        When a later stage asks for attention logits, the whole scaled
+        logit map (bias included, as the softmax sees it) is recorded too.
+        """
+        if self._capture is None and self._attention_logits is None:
             return
         attn = self.model.blocks[index].attn
         b, n, _ = qkv.shape
-        qkv = qkv.detach().reshape(b, n, 3, attn.num_heads, attn.head_dim)
+        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim)
+        if self._attention_logits is not None:
+            q = attn.q_norm(qkv[:, :, 0].transpose(1, 2)) * attn.scale  # (B, H, N, d)
+            logits = q @ attn.k_norm(qkv[:, :, 1].transpose(1, 2)).transpose(-2, -1)
+            self._attention_logits.append(logits if self._attention_bias is None else logits + self._attention_bias)
+        if self._capture is None or index not in self._capture:
+            return
+        qkv = qkv.detach()
         q = attn.q_norm(qkv[:, 0, 0]) * attn.scale  # (B, H, d): the CLS query alone
         k = attn.k_norm(qkv[:, :, 1])  # (B, N, H, d), a strided view, no copy
         scores = torch.einsum("bhd,bnhd->bhn", q, k)
+        if self._attention_bias is not None:
+            scores = scores + self._attention_bias[:, :, 0].expand_as(scores)
         self._capture[index] = scores.float().softmax(dim=-1)[:, :, 1:].mean(dim=1)
+
+    def _add_mlp_hidden(self, module: nn.Module, args: tuple, hidden: Tensor) -> Tensor | None:
+        """fc1 hook: a hook's extra MLP input channels, folded into the first linear layer's output."""
+        return None if self._mlp_hidden is None else hidden + self._mlp_hidden.to(hidden.dtype)
+
+
+def _sum_present(values: list[Tensor | None]) -> Tensor | None:
+    present = [v for v in values if v is not None]
+    return sum(present[1:], present[0]) if present else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from dynvit.pipeline import gather_tokens
+from dynvit.stages import gather_tokens
 from dynvit.registry import register
 from dynvit.stages import Fuser
 

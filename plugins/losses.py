@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from dynvit.registry import register
-from dynvit.stages import Loss
+from dynvit.stages import Loss, PipelineOutput
 
 
 def cross_entropy(logits: Tensor, target: Tensor, smoothing: float = 0.0) -> Tensor:
@@ -26,33 +24,38 @@ class LastStageCE(Loss):
         super().__init__()
         self.smoothing = smoothing
 
-    def forward(self, logits: Sequence[Tensor], target: Tensor) -> Tensor:
-        return cross_entropy(logits[-1], target, self.smoothing)
+    def forward(self, output: PipelineOutput, target: Tensor) -> Tensor:
+        return cross_entropy(output.stages[-1].logits, target, self.smoothing)
 
 
 @register("loss", "ce_kl")
 class CEPlusKL(Loss):
-    """LF-ViT's Eq. 12: CE(stage 2, y) + KL(stage 1 || stage 2 detached), batch mean."""
+    """LF-ViT's Eq. 12 (and CF-ViT's loss): CE(last stage, y) + KL(stage || last stage detached), batch mean.
+
+    With more than two stages every earlier stage is distilled from the last one.
+    """
 
     def __init__(self, smoothing: float = 0.0, kl_weight: float = 1.0) -> None:
         super().__init__()
         self.smoothing = smoothing
         self.kl_weight = kl_weight
 
-    def forward(self, logits: Sequence[Tensor], target: Tensor) -> Tensor:
-        first, last = logits[0].float(), logits[-1].float()
-        ce = cross_entropy(last, target, self.smoothing)
-        kl = F.kl_div(first.log_softmax(-1), last.detach().softmax(-1), reduction="batchmean")
-        return ce + self.kl_weight * kl
+    def forward(self, output: PipelineOutput, target: Tensor) -> Tensor:
+        *earlier, last = (logits.float() for logits in output.logits)
+        teacher = last.detach().softmax(-1)
+        loss = cross_entropy(last, target, self.smoothing)
+        for logits in earlier:
+            loss = loss + self.kl_weight * F.kl_div(logits.log_softmax(-1), teacher, reduction="batchmean")
+        return loss
 
 
 @register("loss", "ce_ce")
 class CEPlusCE(Loss):
-    """Table 7's alternative: both stages supervised by the labels."""
+    """Table 7's alternative (and DVT's loss): every stage supervised by the labels, summed."""
 
     def __init__(self, smoothing: float = 0.0) -> None:
         super().__init__()
         self.smoothing = smoothing
 
-    def forward(self, logits: Sequence[Tensor], target: Tensor) -> Tensor:
-        return sum(cross_entropy(stage, target, self.smoothing) for stage in logits)
+    def forward(self, output: PipelineOutput, target: Tensor) -> Tensor:
+        return sum(cross_entropy(logits, target, self.smoothing) for logits in output.logits)

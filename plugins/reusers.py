@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dynvit.pipeline import gather_tokens
+from dynvit.stages import gather_tokens
 from dynvit.registry import register
-from dynvit.stages import Stage1Output, TokenReuser
+from dynvit.stages import StageOutput, TokenReuser
 
 
 @register("token_reuser", "stage1_embeddings")
 class Stage1EmbeddingReuser(TokenReuser):
     """LF-ViT's reuse: the stage-1 input embeddings (patch embedding + stage-1 position)."""
 
-    def forward(self, stage1: Stage1Output, reuse_index: Tensor) -> Tensor:
+    def forward(self, stage1: StageOutput, reuse_index: Tensor) -> Tensor:
         return gather_tokens(stage1.embeddings, reuse_index)
 
 
@@ -23,5 +23,5 @@ class NoReuser(TokenReuser):
 
     is_noop = True
 
-    def forward(self, stage1: Stage1Output, reuse_index: Tensor) -> Tensor:
+    def forward(self, stage1: StageOutput, reuse_index: Tensor) -> Tensor:
         return stage1.embeddings[:, :0]

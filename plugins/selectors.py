@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynvit.registry import register
-from dynvit.stages import Grid, RegionSelector, Selection, Stage1Output
+from dynvit.stages import Grid, RegionSelector, Selection, StageOutput
 
 
 def global_class_attention(class_attention: dict[int, Tensor], blocks: list[int], beta: float) -> Tensor:
@@ -70,7 +70,7 @@ class FullImageSelector(RegionSelector):
     def num_tokens(self, grid1: Grid, grid2: Grid, depth: int) -> tuple[int, int]:
         return grid2[0] * grid2[1], 0
 
-    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
+    def forward(self, stage1: StageOutput, grid2: Grid) -> Selection:
         return Selection.whole_image(stage1.logits.shape[0], stage1.grid, grid2, stage1.logits.device)
 
 
@@ -101,7 +101,7 @@ class GCASelector(RegionSelector):
             raise ValueError(f"first_block={self.first_block} is outside the backbone's {depth} blocks")
         return list(range(self.first_block, depth))
 
-    def gca(self, stage1: Stage1Output) -> Tensor:
+    def gca(self, stage1: StageOutput) -> Tensor:
         blocks = sorted(b for b in stage1.class_attention if b >= self.first_block)
         if not blocks:
             raise ValueError(f"stage 1 returned no class attention from block {self.first_block} on")
@@ -117,7 +117,7 @@ class GCASelector(RegionSelector):
         """(B, N1) GCA -> (B, 2) top-left (row, col) of the window."""
         raise NotImplementedError
 
-    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
+    def forward(self, stage1: StageOutput, grid2: Grid) -> Selection:
         grid = stage1.grid
         self.check_grid(grid)
         gca = self.gca(stage1)
@@ -226,7 +226,7 @@ class RandomSelector(GCASelector):
 class TopKGCASelector(GCASelector):
     """CF-ViT style: the K highest-GCA tokens anywhere, no window (same K as NGCA)."""
 
-    def forward(self, stage1: Stage1Output, grid2: Grid) -> Selection:
+    def forward(self, stage1: StageOutput, grid2: Grid) -> Selection:
         grid = stage1.grid
         self.check_grid(grid)
         kept = torch.topk(self.gca(stage1), self.num_kept, dim=1, sorted=True).indices

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_recipe, tolerance
+from conftest import TINY_RECIPE, tiny_recipe, tolerance
 
 from dynvit import build_pipeline, load_recipe
+from dynvit.stages import StageContext
 
 
 def test_whole_image_stage2_without_fusion_or_reuse_equals_plain_timm(images):
@@ -44,7 +47,7 @@ def test_class_attention_row_matches_materialised_attention(tiny_pipeline, image
         pos = backbone.position_embedding(backbone.native_grid)
         tokens = backbone.embed_patches(images) + pos[:, 1:]
         with torch.no_grad():
-            out = backbone.encode(tokens, pos[:, :1], attention_blocks=[block_index])
+            out = backbone.encode(tokens, pos[:, :1], StageContext(0, backbone.native_grid, attention_blocks=[block_index]))
     finally:
         handle.remove()
     x = block.norm1(seen["x"])
@@ -169,3 +172,42 @@ def test_bfloat16_pipeline_runs_and_keeps_dtype(tiny_pipeline, images):
     res = pipe.infer(images.to(torch.bfloat16), threshold=0.5)
     assert res.logits.dtype == torch.bfloat16
     assert torch.isfinite(res.logits.float()).all()
+
+
+BEFORE = Path(__file__).parent / "data" / "lfvit_before.pt"
+BEFORE_CASES = ["ngca", "random", "max_gca", "topk_gca", "no_fusion", "no_reuse", "ce_ce", "whole_image", "one_stage"]
+
+
+@pytest.mark.parametrize("case", BEFORE_CASES)
+def test_lfvit_outputs_equal_the_two_stage_pipeline_they_came_from(case):
+    """Weights, images and outputs recorded by the two-stage pipeline (tests/data/make_lfvit_before.py, run at the
+    commit before the stage list): the same weights, loaded under their old key names, give the same stage
+    logits, selections, loss, exits and inference logits."""
+    saved = torch.load(BEFORE, weights_only=True)
+    overrides = {
+        "random": ["model.selector.type=random"],
+        "max_gca": ["model.selector.type=max_gca"],
+        "topk_gca": ["model.selector.type=topk_gca"],
+        "no_fusion": ["model.fuser.type=none"],
+        "no_reuse": ["model.reuser.type=none"],
+        "ce_ce": ["loss.type=ce_ce"],
+        "one_stage": ["model.stages=1", "loss.type=ce"],
+    }.get(case, [])
+    shrink = ["model.backbone.depth=4", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
+    first = [] if case == "one_stage" else ["model.selector.first_block=2"]
+    pipe = build_pipeline(load_recipe(TINY_RECIPE, shrink + first + overrides)).eval()
+    pipe.load_state_dict(saved[f"{case}.state"])
+    pipe.whole_image_stage2 = case == "whole_image"
+    images, target = saved["images"], saved["target"]
+    exact = {"atol": 1e-6, "rtol": 0}
+    with torch.no_grad():
+        out = pipe(images)
+        for i, logits in enumerate(out.logits):
+            torch.testing.assert_close(logits, saved[f"{case}.logits{i + 1}"], **exact)
+        torch.testing.assert_close(pipe.compute_loss(out, target), saved[f"{case}.loss"], **exact)
+        if case != "one_stage":
+            for field in ("full_index", "reuse_index", "region", "kept"):
+                assert torch.equal(getattr(out.selection, field), saved[f"{case}.{field}"]), field
+        result = pipe.infer(images, threshold=float(saved[f"{case}.threshold"]))
+    assert torch.equal(result.exit_stage, saved[f"{case}.exit_stage"])
+    torch.testing.assert_close(result.logits, saved[f"{case}.infer_logits"], **exact)

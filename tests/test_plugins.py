@@ -14,7 +14,12 @@ from dynvit.plugins.fusers import MLPUpsampleFuser
 from dynvit.plugins.losses import CEPlusCE, CEPlusKL, LastStageCE
 from dynvit.plugins.reusers import NoReuser, Stage1EmbeddingReuser
 
-from dynvit.stages import Stage1Output
+from dynvit.stages import PipelineOutput, StageOutput
+
+
+def as_output(*logits: torch.Tensor) -> PipelineOutput:
+    """A pipeline output holding only these stage logits, as a loss receives it."""
+    return PipelineOutput(tuple(StageOutput(logits=x, tokens=x[:, None], class_attention={}) for x in logits))
 
 
 def test_confidence_exit_uses_max_softmax_at_or_above_eta():
@@ -38,7 +43,7 @@ def test_ce_kl_is_eq12():
     torch.manual_seed(0)
     first, last = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3])
-    loss = CEPlusKL()([first, last], y)
+    loss = CEPlusKL()(as_output(first, last), y)
     p2 = last.detach().softmax(-1)
     kl = (p2 * (p2.log() - first.log_softmax(-1))).sum(-1).mean()
     torch.testing.assert_close(loss, F.cross_entropy(last, y) + kl, **tolerance())
@@ -48,18 +53,34 @@ def test_ce_kl_is_eq12():
     torch.testing.assert_close(last.grad, ce_only, **tolerance())
 
 
+def test_ce_kl_distils_every_earlier_stage_from_the_last():
+    torch.manual_seed(0)
+    stages = [torch.randn(4, 5) for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 3])
+    teacher = stages[2].softmax(-1)
+
+    def kl(student: torch.Tensor) -> torch.Tensor:
+        return (teacher * (teacher.log() - student.log_softmax(-1))).sum(-1).mean()
+
+    expected = F.cross_entropy(stages[2], y) + 0.5 * (kl(stages[0]) + kl(stages[1]))
+    torch.testing.assert_close(CEPlusKL(kl_weight=0.5)(as_output(*stages), y), expected, **tolerance())
+    torch.testing.assert_close(
+        CEPlusCE()(as_output(*stages), y), sum(F.cross_entropy(s, y) for s in stages), **tolerance()
+    )
+
+
 def test_losses_accept_soft_targets():
     logits = torch.randn(3, 4)
     soft = torch.full((3, 4), 0.25)
     expected = -(soft * logits.log_softmax(-1)).sum(-1).mean()
-    torch.testing.assert_close(LastStageCE()([logits], soft), expected, **tolerance())
-    torch.testing.assert_close(CEPlusCE()([logits, logits], soft), 2 * expected, **tolerance())
+    torch.testing.assert_close(LastStageCE()(as_output(logits), soft), expected, **tolerance())
+    torch.testing.assert_close(CEPlusCE()(as_output(logits, logits), soft), 2 * expected, **tolerance())
 
 
 def test_label_smoothing_is_applied_to_hard_labels():
     logits, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     torch.testing.assert_close(
-        LastStageCE(smoothing=0.1)([logits], y), F.cross_entropy(logits, y, label_smoothing=0.1), **tolerance()
+        LastStageCE(smoothing=0.1)(as_output(logits), y), F.cross_entropy(logits, y, label_smoothing=0.1), **tolerance()
     )
 
 
@@ -98,7 +119,7 @@ def test_fusion_is_ln_mlp_then_nearest_upsample_added():
 
 def test_reusers():
     emb = torch.randn(2, 5, 3)
-    stage1 = Stage1Output(torch.zeros(2, 1), torch.zeros(2, 6, 3), {}, emb, (1, 5))
+    stage1 = StageOutput(logits=torch.zeros(2, 1), tokens=torch.zeros(2, 6, 3), class_attention={}, embeddings=emb, grid=(1, 5))
     index = torch.tensor([[4, 0], [1, 2]])
     out = Stage1EmbeddingReuser()(stage1, index)
     assert torch.equal(out[0], emb[0, [4, 0]]) and torch.equal(out[1], emb[1, [1, 2]])
