@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate",
     "flops": "flops",
     "import-lfvit": "import_lfvit",
+    "import-cfvit": "import_cfvit",
     "data": "data",
     "quickstart": "quickstart",
     "export": "export",

@@ -1,4 +1,4 @@
-"""Weights in and out: timm/DeiT backbones, dynvit pipelines, the authors' LF-ViT checkpoints.
+"""Weights in and out: timm/DeiT backbones, dynvit pipelines, the authors' LF-ViT and CF-ViT checkpoints.
 
 Every file is read with ``torch.load(..., weights_only=True)`` or
 safetensors, so a checkpoint can never run code on load; anything that is
@@ -237,10 +237,11 @@ def save_pipeline_weights(
     return path
 
 
-# -- the authors' LF-ViT checkpoints ----------------------------------------------
+# -- the authors' LF-ViT and CF-ViT checkpoints --------------------------------------
 
-# authors' prefix -> dynvit pipeline prefix; the position tables are mapped by shape
-_LFVIT_PREFIXES = (
+# authors' prefix -> dynvit pipeline prefix, for every method below (LF-ViT and CF-ViT share the layout);
+# the position tables (pos_embed_list.N) are mapped by shape. When the pipeline's keys move, edit this table.
+AUTHORS_KEY_PREFIXES = (
     ("cls_token", "backbone.model.cls_token"),
     ("patch_embed.", "backbone.model.patch_embed."),
     ("blocks.", "backbone.model.blocks."),
@@ -248,9 +249,29 @@ _LFVIT_PREFIXES = (
     ("head.", "backbone.model.head."),
     ("reuse_block.", "fuser.block."),  # LayerNorm + Mlp(D, 4D, D): the fusion block
 )
-_LFVIT_POSITION = re.compile(r"pos_embed_list\.(\d+)")
-# entries an authors' checkpoint may carry beside 'model', kept in the sidecar JSON
-LFVIT_METADATA_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
+_AUTHORS_POSITION = re.compile(r"pos_embed_list\.(\d+)")
+
+
+@dataclass(frozen=True)
+class AuthorsFormat:
+    """One method's released checkpoints: the name in messages and the entries kept beside ``model``."""
+
+    name: str  # as the paper writes it, for messages
+    metadata_keys: tuple[str, ...]  # entries beside 'model', copied into the sidecar JSON under their own names
+
+
+AUTHORS_FORMATS = {
+    "lfvit": AuthorsFormat("LF-ViT", ("flops", "anytime_classification", "budgeted_batch_classification")),
+    # CF-ViT's release names its per-stage GFLOPs list 'flop', not 'flops'
+    "cfvit": AuthorsFormat("CF-ViT", ("flop", "anytime_classification", "budgeted_batch_classification")),
+}
+LFVIT_METADATA_KEYS = AUTHORS_FORMATS["lfvit"].metadata_keys
+
+
+def _authors_format(method: str) -> AuthorsFormat:
+    if method not in AUTHORS_FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {method!r}; known: {', '.join(AUTHORS_FORMATS)}")
+    return AUTHORS_FORMATS[method]
 
 
 def _square_grid(table: Tensor, key: str) -> int:
@@ -262,26 +283,27 @@ def _square_grid(table: Tensor, key: str) -> int:
     return side
 
 
-def convert_lfvit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Rename the authors' LF-ViT state dict to dynvit pipeline keys.
+def convert_authors_state_dict(state_dict: Mapping[str, Tensor], method: str = "lfvit") -> StateDict:
+    """Rename the authors' LF-ViT or CF-ViT state dict (``method`` "lfvit" or "cfvit") to dynvit pipeline keys.
 
     Widths, depth, patch size and grids come from the tensors, so any
-    LF-ViT variant converts (224/112 with 14x14 and 7x7 grids, 288/144 with
+    variant converts (224/112 with 14x14 and 7x7 grids, 288/144 with
     18x18 and 9x9...). The largest position table becomes the backbone's
     own; the others become ``backbone.stage_pos_embed.<rows>x<cols>``.
     """
-    state = state_dict_from(state_dict, "LF-ViT state dict")
+    name = _authors_format(method).name
+    state = state_dict_from(state_dict, f"{name} state dict")
     out: StateDict = {}
     tables: dict[int, tuple[str, Tensor]] = {}
     unknown = []
     for key, value in state.items():
-        if _LFVIT_POSITION.fullmatch(key):
+        if _AUTHORS_POSITION.fullmatch(key):
             side = _square_grid(value, key)
             if side in tables:
                 raise CheckpointError(f"{tables[side][0]} and {key} both hold a {side}x{side} position table")
             tables[side] = (key, value)
             continue
-        for old, new in _LFVIT_PREFIXES:
+        for old, new in AUTHORS_KEY_PREFIXES:
             if key == old or (old.endswith(".") and key.startswith(old)):
                 out[new + key[len(old) :]] = value
                 break
@@ -289,18 +311,29 @@ def convert_lfvit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
             unknown.append(key)
     if unknown:
         raise CheckpointError(
-            f"keys that are not part of the LF-ViT layout: {summarise_keys(unknown)}; "
-            "is this the authors' LF-ViT checkpoint?"
+            f"keys that are not part of the {name} layout: {summarise_keys(unknown)}; "
+            f"is this the authors' {name} checkpoint?"
         )
     if len(tables) < 2:
         raise CheckpointError(
-            f"an LF-ViT checkpoint has one position table per stage (pos_embed_list.0/1), found {len(tables)}"
+            f"the authors' {name} checkpoints have one position table per stage (pos_embed_list.0/1), "
+            f"found {len(tables)}"
         )
     full = max(tables)
     for side, (_, table) in tables.items():
-        name = "backbone.model.pos_embed" if side == full else f"backbone.stage_pos_embed.{side}x{side}"
-        out[name] = table
+        key = "backbone.model.pos_embed" if side == full else f"backbone.stage_pos_embed.{side}x{side}"
+        out[key] = table
     return out
+
+
+def convert_lfvit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """:func:`convert_authors_state_dict` for the authors' LF-ViT checkpoints."""
+    return convert_authors_state_dict(state_dict, "lfvit")
+
+
+def convert_cfvit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """:func:`convert_authors_state_dict` for the authors' CF-ViT checkpoints (same layout as LF-ViT's)."""
+    return convert_authors_state_dict(state_dict, "cfvit")
 
 
 def _jsonable(value: Any) -> Any:
@@ -319,8 +352,8 @@ def _jsonable(value: Any) -> Any:
 
 
 @dataclass
-class LFViTImport:
-    """What :func:`import_lfvit` wrote and what it found in the source."""
+class AuthorsImport:
+    """What :func:`import_authors_checkpoint` wrote and what it found in the source."""
 
     weights: Path
     sidecar: Path
@@ -331,35 +364,43 @@ class LFViTImport:
     num_classes: int
     grids: list[int]  # side of each stage's square grid, stage 1 first
     metadata_keys: list[str]
+    method: str = "lfvit"  # key of AUTHORS_FORMATS
 
     @property
     def image_size(self) -> int:
         return self.grids[-1] * self.patch_size
 
 
-def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None] | None = None) -> LFViTImport:
-    """Convert the authors' LF-ViT checkpoint ``src`` into a dynvit pipeline checkpoint ``dst`` (.safetensors).
+LFViTImport = AuthorsImport  # the name before CF-ViT shared it
 
-    ``dst`` gets the weights; ``dst`` with ``.json`` a sidecar with the
-    shapes found and the authors' extra entries (``flops``, the anytime and
-    budgeted-batch results). ``check`` sees the converted state dict before
-    anything is written (the command line loads it strictly into the
-    recipe's pipeline), so a refused import leaves ``dst`` as it was. Both
-    files are written atomically.
+
+def import_authors_checkpoint(
+    src: PathLike, dst: PathLike, method: str = "lfvit", check: Callable[[StateDict], None] | None = None
+) -> AuthorsImport:
+    """Convert the authors' LF-ViT or CF-ViT checkpoint ``src`` into a dynvit pipeline checkpoint ``dst``.
+
+    ``method`` is a key of :data:`AUTHORS_FORMATS` ("lfvit", "cfvit").
+    ``dst`` (.safetensors) gets the weights; ``dst`` with ``.json`` a sidecar
+    with the shapes found and the authors' extra entries (LF-ViT's
+    ``flops``, CF-ViT's ``flop``, the anytime and budgeted-batch results).
+    ``check`` sees the converted state dict before anything is written (the
+    command line loads it strictly into the recipe's pipeline), so a refused
+    import leaves ``dst`` as it was. Both files are written atomically.
     """
+    fmt = _authors_format(method)
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"the imported checkpoint is written as safetensors; name it *.safetensors, not {dst}")
     checkpoint = read_checkpoint(src)
-    state = convert_lfvit_state_dict(checkpoint)
+    state = convert_authors_state_dict(checkpoint, method)
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.model\.blocks\.(\d+)\.", k))}
     patch = state["backbone.model.patch_embed.proj.weight"]
     head = state.get("backbone.model.head.weight")
     grids = sorted(int(k.rsplit(".", 1)[1].split("x")[0]) for k in state if k.startswith("backbone.stage_pos_embed."))
     grids.append(_square_grid(state["backbone.model.pos_embed"], "pos_embed"))
-    extra = {k: _jsonable(checkpoint[k]) for k in LFVIT_METADATA_KEYS if k in checkpoint}
-    ignored = sorted(k for k in checkpoint if k not in ("model", "state_dict", *LFVIT_METADATA_KEYS))
-    summary = LFViTImport(
+    extra = {k: _jsonable(checkpoint[k]) for k in fmt.metadata_keys if k in checkpoint}
+    ignored = sorted(k for k in checkpoint if k not in ("model", "state_dict", *fmt.metadata_keys))
+    summary = AuthorsImport(
         weights=dst,
         sidecar=dst.with_suffix(".json"),
         num_tensors=len(state),
@@ -369,9 +410,10 @@ def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None
         num_classes=int(head.shape[0]) if head is not None else 0,
         grids=grids,
         metadata_keys=sorted(extra),
+        method=method,
     )
     info = {
-        "format": "dynvit pipeline weights, imported from an LF-ViT checkpoint",
+        "format": f"dynvit pipeline weights, imported from the authors' {fmt.name} checkpoint",
         "source": str(src),
         "embed_dim": summary.embed_dim,
         "depth": summary.depth,
@@ -384,10 +426,21 @@ def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None
     }
     if check is not None:
         check(state)
-    save_pipeline_weights(state, dst, metadata={"source": "lf-vit", "image_size": str(summary.image_size)})
+    source = fmt.name.lower()  # "lf-vit", "cf-vit"
+    save_pipeline_weights(state, dst, metadata={"source": source, "image_size": str(summary.image_size)})
     text = json.dumps(info, indent=2) + "\n"
     atomic_write(summary.sidecar, lambda tmp: tmp.write_text(text))
     return summary
+
+
+def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None] | None = None) -> AuthorsImport:
+    """:func:`import_authors_checkpoint` for the authors' LF-ViT checkpoints."""
+    return import_authors_checkpoint(src, dst, "lfvit", check)
+
+
+def import_cfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None] | None = None) -> AuthorsImport:
+    """:func:`import_authors_checkpoint` for the authors' CF-ViT checkpoints."""
+    return import_authors_checkpoint(src, dst, "cfvit", check)
 
 
 def load_checkpoint_weights(pipe: nn.Module, path: str | Path, ema: bool = False, strict: bool = True) -> nn.Module:

@@ -1,7 +1,7 @@
 """Region selectors: which full-resolution tokens stage 2 computes.
 
 LF-ViT's NGCA and every alternative the paper ablates (Table 6, Fig. 5),
-plus CF-ViT-style top-K. All are vectorised over the batch and over
+plus CF-ViT's global top-K. All are vectorised over the batch and over
 windows: the window scores are one box filter, the choice one argmax.
 """
 
@@ -91,10 +91,15 @@ class GCASelector(RegionSelector):
         self.first_block = first_block
         self.num_kept = math.ceil(round(alpha * region * region, 6))
 
+    def kept_count(self, grid: Grid) -> int:
+        """K, the stage-1 cells whose full-resolution children stage 2 computes."""
+        return self.num_kept
+
     def num_tokens(self, grid1: Grid, grid2: Grid, depth: int) -> tuple[int, int]:
         self.check_grid(grid1)
         scale = grid2[0] // grid1[0]
-        return self.num_kept * scale * scale, grid1[0] * grid1[1] - self.num_kept
+        kept = self.kept_count(grid1)
+        return kept * scale * scale, grid1[0] * grid1[1] - kept
 
     def attention_blocks(self, depth: int) -> list[int]:
         if not 0 <= self.first_block < depth:
@@ -224,12 +229,42 @@ class RandomSelector(GCASelector):
 
 @register("region_selector", "topk_gca")
 class TopKGCASelector(GCASelector):
-    """CF-ViT style: the K highest-GCA tokens anywhere, no window (same K as NGCA)."""
+    """The K highest-GCA stage-1 cells anywhere on the grid, no window (CF-ViT's informative cells).
+
+    By default K = ceil(alpha * region^2), NGCA's count, so an LF-ViT recipe
+    can swap its window for a global top-K at the same cost. With
+    ``keep_ratio`` set, K = ceil(keep_ratio * rows * cols) of the stage-1
+    grid, CF-ViT's rule (0.5: 25 of 7x7, 41 of 9x9), and ``region`` and
+    ``alpha`` play no part. ``region`` in the selection is the bounding box
+    of the kept cells.
+    """
+
+    def __init__(
+        self,
+        region: int = 5,
+        alpha: float = 0.88,
+        beta: float = 0.99,
+        first_block: int = 3,
+        keep_ratio: float | None = None,
+    ) -> None:
+        super().__init__(region, alpha, beta, first_block)
+        if keep_ratio is not None and not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.keep_ratio = keep_ratio
+
+    def kept_count(self, grid: Grid) -> int:
+        if self.keep_ratio is None:
+            return self.num_kept
+        return math.ceil(round(self.keep_ratio * grid[0] * grid[1], 6))
+
+    def check_grid(self, grid: Grid) -> None:
+        if self.keep_ratio is None:  # K comes from the window's size, which must fit the grid
+            super().check_grid(grid)
 
     def forward(self, stage1: StageOutput, grid2: Grid) -> Selection:
         grid = stage1.grid
         self.check_grid(grid)
-        kept = torch.topk(self.gca(stage1), self.num_kept, dim=1, sorted=True).indices
+        kept = torch.topk(self.gca(stage1), self.kept_count(grid), dim=1, sorted=True).indices
         rows, cols = kept // grid[1], kept % grid[1]
         lo_r, lo_c = rows.amin(1), cols.amin(1)
         region = torch.stack([lo_r, lo_c, rows.amax(1) - lo_r + 1, cols.amax(1) - lo_c + 1], dim=1)

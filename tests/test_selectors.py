@@ -187,6 +187,34 @@ def test_topk_gca_takes_the_global_top_tokens_without_a_window():
     assert sel.region.tolist() == [[0, 0, 7, 7]]  # the bounding box of the kept tokens
 
 
+def test_topk_gca_keep_ratio_is_cfvit_k_by_hand():
+    # CF-ViT: K = ceil(0.5 * cells): 7x7 -> ceil(24.5) = 25, 9x9 -> ceil(40.5) = 41, 3x3 -> ceil(4.5) = 5
+    assert TopKGCASelector(keep_ratio=0.5).kept_count((7, 7)) == 25
+    assert TopKGCASelector(keep_ratio=0.5).kept_count((9, 9)) == 41
+    assert TopKGCASelector(keep_ratio=0.5).num_tokens((7, 7), (14, 14), depth=12) == (100, 24)  # 1 + 100 + 24 = 125
+    assert TopKGCASelector(keep_ratio=0.5).num_tokens((9, 9), (18, 18), depth=12) == (164, 40)  # 1 + 164 + 40 = 205
+    assert TopKGCASelector(keep_ratio=0.2).kept_count((5, 5)) == 5  # exactly 5.0: no rounding up to 6
+    # region/alpha play no part with keep_ratio: a window larger than the grid is no error
+    sel = TopKGCASelector(region=9, alpha=0.1, keep_ratio=0.5)
+    # a 3x3 grid, GCA by hand: the 5 largest are cells 7 (0.9), 2 (0.8), 3 (0.7), 0 (0.6), 8 (0.5)
+    gca = torch.tensor([[[0.6, 0.1, 0.8], [0.7, 0.2, 0.3], [0.4, 0.9, 0.5]]])
+    out = select(sel, gca)
+    assert out.kept.tolist() == [[7, 2, 3, 0, 8]]
+    assert out.reuse_index.tolist() == [[1, 4, 5, 6]]
+    # 2x2 children on the 6x6 grid, per kept cell: (r, c) -> 6 * 2r + 2c + {0, 1, 6, 7}
+    assert out.full_index.tolist() == [[26, 27, 32, 33, 4, 5, 10, 11, 12, 13, 18, 19, 0, 1, 6, 7, 28, 29, 34, 35]]
+    assert out.region.tolist() == [[0, 0, 3, 3]]
+    with pytest.raises(ValueError, match="keep_ratio"):
+        TopKGCASelector(keep_ratio=0.0)
+
+
+def test_topk_gca_without_keep_ratio_keeps_the_ngca_count():
+    assert TopKGCASelector().kept_count((7, 7)) == 22  # ceil(0.88 * 25), as before
+    assert TopKGCASelector().num_tokens((7, 7), (14, 14), depth=12) == (88, 27)
+    with pytest.raises(ValueError, match="does not fit"):
+        TopKGCASelector(region=8).num_tokens((7, 7), (14, 14), depth=12)
+
+
 @pytest.mark.parametrize(
     "selector", [NGCASelector, NegativeNGCASelector, MaxGCASelector, MinGCASelector, TopKGCASelector]
 )
@@ -201,7 +229,13 @@ def test_selectors_are_batch_independent(selector):
 
 @pytest.mark.parametrize(
     "selector",
-    [NGCASelector(region=3), RandomSelector(region=4, alpha=0.5), TopKGCASelector(region=2), MaxGCASelector(region=5)],
+    [
+        NGCASelector(region=3),
+        RandomSelector(region=4, alpha=0.5),
+        TopKGCASelector(region=2),
+        TopKGCASelector(keep_ratio=0.5),
+        MaxGCASelector(region=5),
+    ],
 )
 def test_declared_token_counts_match_the_selection(selector):
     gca = torch.rand(2, 7, 7, generator=torch.Generator().manual_seed(4))
