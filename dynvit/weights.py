@@ -247,7 +247,7 @@ AUTHORS_KEY_PREFIXES = (
     ("blocks.", "backbone.model.blocks."),
     ("norm.", "backbone.model.norm."),
     ("head.", "backbone.model.head."),
-    ("reuse_block.", "fuser.block."),  # LayerNorm + Mlp(D, 4D, D): the fusion block
+    ("reuse_block.", "stages.1.fuser.block."),  # LayerNorm + Mlp(D, 4D, D): the fusion block
 )
 _AUTHORS_POSITION = re.compile(r"pos_embed_list\.(\d+)")
 

@@ -9,6 +9,7 @@ import torch
 from dynvit.plugins.backbones import cuda_tf32
 
 from dynvit import build_pipeline, load_recipe
+from dynvit.stages import PipelineOutput, StageOutput
 
 TINY_RECIPE = Path(__file__).with_name("tiny.yaml")
 
@@ -74,3 +75,8 @@ def tiny_pipeline():
 @pytest.fixture
 def images():
     return torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def as_output(*logits: torch.Tensor) -> PipelineOutput:
+    """A pipeline output holding only these stage logits, as a loss receives it."""
+    return PipelineOutput(tuple(StageOutput(logits=x, tokens=x[:, None], class_attention={}) for x in logits))

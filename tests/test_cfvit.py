@@ -23,7 +23,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance
+from conftest import as_output, tolerance
 from test_weights import CLASSES, DEPTH, PATCH, WIDTH, _encode, _lin, _ln, authors_state_dict, tiny_lfvit_recipe
 
 from dynvit.cli import main
@@ -153,7 +153,7 @@ def test_cfvit_loss_is_ce_on_fine_plus_kl_to_the_detached_fine_distribution():
     g = torch.Generator().manual_seed(3)
     coarse, fine = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g, requires_grad=True)
     target = torch.tensor([0, 3, 9, 1, 1])
-    loss = pipe.loss((coarse, fine), target)
+    loss = pipe.loss(as_output(coarse, fine), target)
     # the authors' objective: CE(fine, y) + KLDivLoss(batchmean)(log_softmax(coarse), softmax(fine).detach())
     expected = F.cross_entropy(fine, target) + torch.nn.KLDivLoss(reduction="batchmean")(
         coarse.log_softmax(1), fine.detach().softmax(1)

@@ -7,19 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance
+from conftest import as_output, tolerance
 from dynvit.plugins.downsamplers import AvgPoolDownsampler, InterpolateDownsampler
 from dynvit.plugins.exit_policies import ConfidenceExit, EntropyExit, NeverExit
 from dynvit.plugins.fusers import MLPUpsampleFuser
 from dynvit.plugins.losses import CEPlusCE, CEPlusKL, LastStageCE
 from dynvit.plugins.reusers import NoReuser, Stage1EmbeddingReuser
 
-from dynvit.stages import PipelineOutput, StageOutput
-
-
-def as_output(*logits: torch.Tensor) -> PipelineOutput:
-    """A pipeline output holding only these stage logits, as a loss receives it."""
-    return PipelineOutput(tuple(StageOutput(logits=x, tokens=x[:, None], class_attention={}) for x in logits))
+from dynvit.stages import StageOutput
 
 
 def test_confidence_exit_uses_max_softmax_at_or_above_eta():

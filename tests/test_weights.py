@@ -201,7 +201,7 @@ def test_converter_reads_sizes_from_tensors_and_names_every_key():
     assert set(converted) == set(pipe.state_dict())
     assert converted["backbone.stage_pos_embed.9x9"].shape == (1, 82, WIDTH)
     assert converted["backbone.model.pos_embed"].shape == (1, 325, WIDTH)
-    assert converted["fuser.block.1.fc2.weight"].shape == (WIDTH, 4 * WIDTH)
+    assert converted["stages.1.fuser.block.1.fc2.weight"].shape == (WIDTH, 4 * WIDTH)
 
 
 def test_converter_refuses_foreign_keys_and_a_missing_stage_table():
@@ -275,7 +275,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_strict_load_lists_the_differences_and_non_strict_loads_what_fits(tmp_path):
     pipe = build_pipeline(tiny_lfvit_recipe("lfvit_deit_s", 112))
     state = dict(pipe.state_dict())
-    del state["fuser.block.0.weight"]
+    del state["stages.1.fuser.block.0.weight"]
     state["backbone.model.dist_token"] = torch.zeros(1, 1, WIDTH)
     state["backbone.model.head.weight"] = torch.ones(3, WIDTH)
     torch.save(state, tmp_path / "bad.pth")
@@ -284,12 +284,12 @@ def test_strict_load_lists_the_differences_and_non_strict_loads_what_fits(tmp_pa
     with pytest.raises(CheckpointError) as error:
         load_pipeline_weights(other, tmp_path / "bad.pth")
     message = str(error.value)
-    assert "missing from the checkpoint (1): fuser.block.0.weight" in message
+    assert "missing from the checkpoint (1): stages.1.fuser.block.0.weight" in message
     assert "not in the pipeline (1): backbone.model.dist_token" in message
     assert "backbone.model.head.weight: checkpoint (3, 32) vs pipeline (10, 32)" in message
 
     report = load_pipeline_weights(other, tmp_path / "bad.pth", strict=False)
-    assert report.missing == ["fuser.block.0.weight"] and report.mismatched == ["backbone.model.head.weight"]
+    assert report.missing == ["stages.1.fuser.block.0.weight"] and report.mismatched == ["backbone.model.head.weight"]
     assert torch.equal(other.backbone.model.blocks[1].mlp.fc1.weight, pipe.backbone.model.blocks[1].mlp.fc1.weight)
     assert not torch.equal(other.backbone.model.head.weight, pipe.backbone.model.head.weight)
 
