@@ -579,8 +579,11 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
         def optional(key: str, kind: str, **context: object) -> nn.Module | None:
             return build(kind, *plugins[key], **context) if key in plugins else None  # noqa: B023
 
+        if stage.hooks and index == 0:
+            raise RecipeError(f"{stage.hooks[0][0]}: the first stage has no earlier stage for a hook to read")
+        previous_backbone = (stages[index - 1].backbone or backbone) if index else None
         hooks = [
-            build("encoder_hook", key, hook, embed_dim=embed_dim, previous=index - 1, current=index)
+            build("encoder_hook", key, hook, backbone=own or backbone, previous_backbone=previous_backbone)
             for key, hook in stage.hooks
         ]
         with _naming(f"model.stages.{index}"):

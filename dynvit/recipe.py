@@ -57,7 +57,7 @@ CONTEXT_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "backbone": ("image_size", "stage_image_sizes"),
     "fuser": ("embed_dim",),
     "token_reuser": ("embed_dim",),
-    "encoder_hook": ("embed_dim", "previous", "current"),
+    "encoder_hook": ("backbone", "previous_backbone"),
 }
 
 

@@ -128,12 +128,13 @@ class BlockEdits:
     ``attention_bias(block)``: None or a float tensor broadcastable to
     (B, H, L, L), added to the scaled attention logits before the softmax
     (the fused attention kernel takes it as its additive mask).
-    ``mlp_hidden(block)``: None or (B, L, hidden), added to the output of
-    the block MLP's first linear layer (extra MLP input channels, folded).
+    ``mlp_input(block)``: None or (B, L, E) extra channels concatenated to
+    the input of the block's MLP branch (its second norm), for a backbone
+    built with ``mlp_extra_channels=E``.
     """
 
     attention_bias: Callable[[int], Tensor | None] | None = None
-    mlp_hidden: Callable[[int], Tensor | None] | None = None
+    mlp_input: Callable[[int], Tensor | None] | None = None
 
 
 class EncoderHook(nn.Module, ABC):

@@ -61,6 +61,16 @@ def cuda_tf32(op: str) -> bool:
     return False
 
 
+def _widen_mlp(block: nn.Module, extra: int) -> None:
+    """Give a timm block's MLP branch ``extra`` more input channels: its second norm and first linear layer
+    widen (DVT's feature reuse concatenates earlier features there); the residual keeps its width."""
+    norm, fc1 = block.norm2, block.mlp.fc1
+    if not isinstance(norm, nn.LayerNorm) or not isinstance(fc1, nn.Linear):
+        raise ValueError("mlp_extra_channels needs blocks whose MLP branch is LayerNorm then Linear (DeiT/ViT style)")
+    block.norm2 = nn.LayerNorm(norm.normalized_shape[0] + extra, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
+    block.mlp.fc1 = nn.Linear(fc1.in_features + extra, fc1.out_features, bias=fc1.bias is not None)
+
+
 def _grid_key(grid: Grid) -> str:
     return f"{grid[0]}x{grid[1]}"
 
@@ -89,6 +99,8 @@ class TimmViT(Backbone):
         mlp_ratio: float | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        patch_padding: int = 0,
+        mlp_extra_channels: int = 0,
         image_size: int = 224,
         stage_image_sizes: Sequence[int] = (),
     ) -> None:
@@ -101,12 +113,16 @@ class TimmViT(Backbone):
             "mlp_ratio": mlp_ratio,
         }
         kwargs = {k: v for k, v in overrides.items() if v is not None}
+        if patch_padding < 0:
+            raise ValueError(f"patch_padding must be >= 0, got {patch_padding}")
+        # a padded patch embedding (DVT's 10x10 tokens: 23 px patches, padding 3) sees the padded image
+        timm_size = image_size + 2 * patch_padding
         try:
             model = timm.create_model(
                 arch,
                 pretrained=False,
                 num_classes=num_classes,
-                img_size=image_size,
+                img_size=timm_size,
                 drop_rate=drop_rate,
                 drop_path_rate=drop_path_rate,
                 **kwargs,
@@ -126,6 +142,8 @@ class TimmViT(Backbone):
                 f"{arch!r} does not embed non-overlapping patches with one convolution (kernel = stride, no padding), "
                 "which embedding only the selected patches needs; use a DeiT/ViT-style architecture"
             )
+        proj.padding = (patch_padding, patch_padding)
+        self.patch_padding = patch_padding
         self.model = model
         self.embed_dim = model.embed_dim
         self.num_classes = model.num_classes
@@ -135,7 +153,7 @@ class TimmViT(Backbone):
         self.native_grid: Grid = tuple(model.patch_embed.grid_size)
         self.stage_pos_embed = nn.ParameterDict()
         for size in stage_image_sizes:
-            if size % self.patch_size:
+            if (size + 2 * patch_padding) % self.patch_size:
                 raise ValueError(
                     f"the stages see {', '.join(f'{s} px' for s in stage_image_sizes)} images of "
                     f"model.image_size={image_size}; each must be a multiple of the patch size {self.patch_size}"
@@ -146,10 +164,13 @@ class TimmViT(Backbone):
         self._capture: dict[int, Tensor] | None = None  # per-pass records and edits, set by encode
         self._attention_logits: list[Tensor] | None = None
         self._attention_bias: Tensor | None = None
-        self._mlp_hidden: Tensor | None = None
+        self._mlp_input: Tensor | None = None
+        self.mlp_extra_channels = mlp_extra_channels
         for index, block in enumerate(model.blocks):
             block.attn.qkv.register_forward_hook(functools.partial(self._capture_class_attention, index))
-            block.mlp.fc1.register_forward_hook(self._add_mlp_hidden)
+            if mlp_extra_channels:
+                _widen_mlp(block, mlp_extra_channels)
+                block.norm2.register_forward_pre_hook(self._widen_mlp_input)
         if checkpoint:
             from dynvit.weights import load_backbone_checkpoint
 
@@ -159,10 +180,11 @@ class TimmViT(Backbone):
 
     def grid_size(self, image_size: int | Sequence[int]) -> Grid:
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}; use a multiple of {p}")
-        return (h // p, w // p)
+        p, pad = self.patch_size, 2 * self.patch_padding
+        if (h + pad) % p or (w + pad) % p:
+            padded = f" plus {pad} px of padding" if pad else ""
+            raise ValueError(f"image size {h}x{w}{padded} is not a multiple of the patch size {p}; use a multiple of {p}")
+        return ((h + pad) // p, (w + pad) // p)
 
     def _resample_native(self, grid: Grid) -> Tensor:
         with torch.no_grad():
@@ -201,6 +223,8 @@ class TimmViT(Backbone):
         norm = self.model.patch_embed.norm
         if index is None:
             return norm(proj(images).flatten(2).transpose(1, 2))
+        if self.patch_padding:
+            raise ValueError("a padded patch embedding cannot embed selected patches alone; use patch_padding=0")
         pixels = self._selected_pixels(images, index)
         if _matmul_rounds_like_conv(images):
             return norm(F.linear(pixels, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))
@@ -239,17 +263,17 @@ class TimmViT(Backbone):
                 x = model.blocks(x)
             for index, block in enumerate(model.blocks if per_block else ()):
                 biases = [e.attention_bias(index) for e in edits if e.attention_bias is not None]
-                hidden = [e.mlp_hidden(index) for e in edits if e.mlp_hidden is not None]
+                extra = [e.mlp_input(index) for e in edits if e.mlp_input is not None]
                 bias = _sum_present(biases)
                 self._attention_bias = bias
-                self._mlp_hidden = _sum_present(hidden)
+                self._mlp_input = _concat_present(extra)
                 x = block(x, attn_mask=None if bias is None else bias.to(x.dtype))
                 if block_tokens is not None:
                     block_tokens.append(x)
             captured = self._capture or {}
             attention_logits = self._attention_logits
         finally:
-            self._capture = self._attention_logits = self._attention_bias = self._mlp_hidden = None
+            self._capture = self._attention_logits = self._attention_bias = self._mlp_input = None
         x = model.norm(x)
         return BackboneOutput(
             logits=model.forward_head(x),
@@ -284,11 +308,25 @@ class TimmViT(Backbone):
             scores = scores + self._attention_bias[:, :, 0].expand_as(scores)
         self._capture[index] = scores.float().softmax(dim=-1)[:, :, 1:].mean(dim=1)
 
-    def _add_mlp_hidden(self, module: nn.Module, args: tuple, hidden: Tensor) -> Tensor | None:
-        """fc1 hook: a hook's extra MLP input channels, folded into the first linear layer's output."""
-        return None if self._mlp_hidden is None else hidden + self._mlp_hidden.to(hidden.dtype)
+    def _widen_mlp_input(self, module: nn.Module, args: tuple) -> tuple[Tensor]:
+        """norm2 pre-hook of a backbone with extra MLP input channels: hooks' channels, or zeros, appended."""
+        (x,) = args
+        extra = self._mlp_input
+        if extra is None:  # the extra channels' source is switched off: they read zero
+            extra = x.new_zeros(*x.shape[:-1], self.mlp_extra_channels)
+        if extra.shape[-1] != self.mlp_extra_channels:
+            raise ValueError(
+                f"hooks give {extra.shape[-1]} extra MLP input channels; this backbone takes "
+                f"mlp_extra_channels={self.mlp_extra_channels}"
+            )
+        return (torch.cat([x, extra.to(x.dtype)], dim=-1),)
 
 
 def _sum_present(values: list[Tensor | None]) -> Tensor | None:
     present = [v for v in values if v is not None]
     return sum(present[1:], present[0]) if present else None
+
+
+def _concat_present(values: list[Tensor | None]) -> Tensor | None:
+    present = [v for v in values if v is not None]
+    return torch.cat(present, dim=-1) if present else None
