@@ -280,6 +280,26 @@ def _merge(merged: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise RecipeError(f"{source}: {key}: {reason}") from None
 
 
+def _merge_or_update(merged: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """:func:`_merge`, except that a one-key override through a list (``model.stages.0.exit.threshold=0.3``)
+    updates that list item: a merge would read the index as a mapping key and refuse."""
+    path, node = [], layer
+    while OmegaConf.is_dict(node) and len(node) == 1:
+        (name,) = node.keys()
+        path.append(str(name))
+        node = node[name]
+    through_list = any(OmegaConf.is_list(_section(merged, ".".join(path[:i]))) for i in range(1, len(path)))
+    if not through_list:
+        return _merge(merged, layer, source)
+    key = ".".join(path)
+    try:
+        with _writable(merged):
+            OmegaConf.update(merged, key, node, merge=True)
+    except (OmegaConfBaseException, ValueError, IndexError, KeyError) as exc:
+        raise RecipeError(f"{source}: {key}: {str(exc).splitlines()[0]}") from None
+    return merged
+
+
 def _matches(value: Any, annotation: Any) -> bool:
     """A loose runtime check of a recipe value against a constructor annotation."""
     if annotation is Any or annotation is None:
@@ -365,17 +385,22 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         if bad:
             raise RecipeError(f"overrides must look like key=value; got {', '.join(bad)}")
         try:
-            layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+            layers += [("command-line overrides", OmegaConf.from_dotlist([o])) for o in overrides]
         except OmegaConfBaseException as exc:
             raise RecipeError(f"command-line overrides: {exc}") from None
     merged = OmegaConf.structured(recipe_schema())
     # which layer last set each plugin section, for messages
     section_source = {dotted: "defaults" for dotted in PLUGIN_SECTIONS}
+    # the shorthand sections set at or after the layer that made model.stages a list (those are not read)
+    unread: dict[str, str] = {}
     for source, layer in layers:
-        merged = _merge(merged, layer, source)
+        merged = _merge_or_update(merged, layer, source)
+        if OmegaConf.is_list(_section(layer, "model.stages")):
+            unread = {}
         for dotted in PLUGIN_SECTIONS:
             if _section(layer, dotted) is not None:
                 section_source[dotted] = source
+                unread[dotted] = source
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise RecipeError(f"{file}: required values not set: {', '.join(missing)}")
@@ -383,7 +408,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         raise RecipeError(f"{file}: {getattr(exc, 'full_key', '?')}: {str(exc).splitlines()[0]}") from None
-    _check_stage_list(merged, section_source, file)
+    _check_stage_list(merged, unread, file)
     for dotted, kind in PLUGIN_SECTIONS.items():
         _validate_plugin_section(merged, dotted, kind, section_source[dotted])
     for sections in stage_sections(merged.model) if not isinstance(merged.model.stages, int) else ():
@@ -399,8 +424,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     return merged
 
 
-def _check_stage_list(recipe: DictConfig, section_source: dict[str, str], file: Path) -> None:
-    """``model.stages`` is 1, 2 or a list of stage mappings that each say what they use."""
+def _check_stage_list(recipe: DictConfig, unread: dict[str, str], file: Path) -> None:
+    """``model.stages`` is 1, 2 or a list of stage mappings that each say what they use.
+
+    ``unread``: the plugin sections set (with the layer that set them) at or after the layer that made
+    ``model.stages`` a list; the two-stage shorthand's sections among them would be silently ignored.
+    """
     stages = recipe.model.stages
     if isinstance(stages, int) and not isinstance(stages, bool):
         if stages not in (1, 2):
@@ -412,10 +441,10 @@ def _check_stage_list(recipe: DictConfig, section_source: dict[str, str], file: 
     if not OmegaConf.is_list(stages) or len(stages) == 0:
         raise RecipeError(f"{file}: model.stages must be 1, 2 or a non-empty list of stage mappings, got {stages!r}")
     shorthand = [dotted for stage in SHORTHAND_STAGES for dotted in stage.values()]
-    set_here = [d for d in shorthand if section_source.get(d, "defaults") != "defaults"]
+    set_here = [d for d in shorthand if d in unread]
     if set_here:
         raise RecipeError(
-            f"{section_source[set_here[0]]}: {', '.join(set_here)} is read only by the two-stage shorthand "
+            f"{unread[set_here[0]]}: {', '.join(set_here)} is read only by the two-stage shorthand "
             f"(model.stages: 2); with a list of stages set it in the stage, e.g. model.stages.0.exit"
         )
     accepted = [*STAGE_KEYS, HOOKS_KEY]
