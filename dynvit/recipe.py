@@ -149,11 +149,10 @@ class ModelConfig:
 def recipe_schema() -> type:
     """The whole recipe as a structured-config dataclass; ``base`` is consumed while loading.
 
-    Built on first use: the ``data``, ``train`` and ``eval`` sections live
-    next to the code that reads them, whose packages import this module.
+    Built on first use: the ``data``, ``train`` and ``eval`` sections live in
+    :mod:`dynvit.recipe_sections`, which imports this module's value checks.
     """
-    from dynvit.evaluation.config import EvalConfig
-    from dynvit.training.config import DataConfig, TrainConfig
+    from dynvit.recipe_sections import DataConfig, EvalConfig, TrainConfig
 
     return make_dataclass(
         "RecipeSchema",
@@ -469,8 +468,7 @@ def _check_stage_list(recipe: DictConfig, unread: dict[str, str], file: Path) ->
 
 def _check_values(recipe: DictConfig, source: Path) -> None:
     """Every value with a range (``train.epochs >= 1``...) in range, so nothing fails deep inside a run."""
-    from dynvit.evaluation.config import EVAL_CHECKS
-    from dynvit.training.config import DATA_CHECKS, TRAIN_CHECKS
+    from dynvit.recipe_sections import DATA_CHECKS, EVAL_CHECKS, TRAIN_CHECKS
 
     checks = {"model.image_size": (lambda v: v >= 1, "a positive number of pixels")}
     for section, table in (("data", DATA_CHECKS), ("train", TRAIN_CHECKS), ("eval", EVAL_CHECKS)):

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dynvit.export import export_onnx
     from dynvit.pipeline import build_pipeline
-    from dynvit.training.checkpoint import load_checkpoint_weights
+    from dynvit.weights import load_checkpoint_weights
 
     recipe = load_recipe(args.recipe, args.overrides)
     torch.manual_seed(int(recipe.train.seed))

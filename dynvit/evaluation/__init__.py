@@ -7,9 +7,9 @@ those records, and throughput is timed on a batch of the same images.
 :func:`evaluate_pipeline` does the same for a built pipeline and any
 iterable of ``(images, labels)`` batches.
 
-Names are imported on first use: ``dynvit.recipe`` imports
-:class:`EvalConfig` from here, and loading a recipe should not pull in
-matplotlib.
+Names are imported on first use, so importing the package (for
+:class:`EvalConfig`, defined in :mod:`dynvit.recipe_sections`) does not
+pull in matplotlib.
 """
 
 from __future__ import annotations

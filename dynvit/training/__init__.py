@@ -1,7 +1,7 @@
 """Training through Accelerate: ``train(recipe)`` and its checkpoints.
 
-Imported lazily: the recipe schema reads ``dynvit.training.config`` and must
-not pull in Accelerate and timm's training parts.
+Names are imported on first use, so importing the package (or one of its
+light modules) does not pull in Accelerate and timm's training parts.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The training loop: any pipeline recipe, one process or many, through Hugging Face Accelerate.
 
-``train(recipe)`` reads top to bottom like Accelerate's examples: data, model,
-optimiser and schedule from timm's parts, ``accelerator.prepare``, then epochs
-of ``accumulate -> backward -> clip -> step``. The same code runs on a laptop
+``train(recipe)`` reads top to bottom like Accelerate's examples, as the named
+steps of a :class:`TrainingRun` (in the manner of torchtune's recipe classes):
+checks, model, data, optimiser and schedule from timm's parts,
+``accelerator.prepare``, restore, then epochs of ``accumulate -> backward ->
+clip -> step``, validation and a checkpoint. The same code runs on a laptop
 CPU and under ``accelerate launch`` / ``torchrun`` on many GPUs (DDP, bf16).
 
 What a resumed run restores: model, optimiser, scheduler, grad scaler, EMA,
@@ -291,260 +293,379 @@ def train(recipe: DictConfig, resume: str | None = None, max_steps: int | None =
     recipe's output folder if it holds a checkpoint, else a fresh start).
     ``max_steps``: stop after this many optimiser steps in all (saving ``last``).
     """
-    cfg, data = recipe.train, recipe.data
-    output_dir = Path(cfg.output_dir)
-    accelerator, ddp = make_accelerator(cfg, output_dir)
-    accum = cfg.grad_accum_steps
-    _limit_cpu_threads(accelerator, data.num_workers)
+    run = TrainingRun(recipe, max_steps)  # the accelerator
+    run.check_inputs(resume)  # data, output folder, checkpoint to resume: before anything heavy
+    run.build_model()
+    run.build_data()
+    run.build_optimisation()  # optimiser, schedule, mixup
+    run.prepare()  # accelerator.prepare, EMA
+    run.restore()  # fresh start or resume
+    run.open_outputs()  # recipe.yaml, metrics.jsonl, trackers
+    for epoch in range(run.progress.epoch, run.cfg.epochs):
+        if run.reached_max_steps():
+            break
+        stats = run.train_epoch(epoch)
+        if stats is None:  # stopped by max_steps inside the epoch; `last` is saved
+            break
+        metrics = run.validate(epoch, stats)
+        improved = run.record(metrics)
+        run.save_epoch_end(improved)
+    run.accelerator.end_training()
+    return run.output_dir
 
-    # -- checks that fail before anything heavy runs
-    with accelerator.local_main_process_first():  # data caches (quickstart, imagefolder) build once per node
-        classes = validate_data(recipe)
-    _check_writable(output_dir)
-    resume_from = _resume_folder(resume, output_dir)
-    if cfg.full_image_epochs >= cfg.epochs > 0:
-        accelerator.print(
-            f"note: train.full_image_epochs={cfg.full_image_epochs} >= train.epochs={cfg.epochs}: stage 2 sees the "
-            "whole image throughout and region selection is never trained"
+
+@dataclass
+class EpochStats:
+    """What a finished epoch of training leaves for its metrics."""
+
+    train_loss: float  # mean over the epoch's micro-batches (resumed ones included)
+    images_seen: int  # by all processes, in this run (not before a resume)
+    elapsed: float  # seconds
+
+
+class TrainingRun:
+    """One ``train(recipe)``: the steps :func:`train` calls top to bottom, and the state they share.
+
+    Set up in order by ``check_inputs``, ``build_model``, ``build_data``,
+    ``build_optimisation``, ``prepare``, ``restore`` and ``open_outputs``; then
+    each epoch is ``train_epoch``, ``validate``, ``record`` and ``save_epoch_end``.
+    """
+
+    # set by the setup steps, in this order
+    classes: list[str]
+    resume_from: Path | None
+    pipe: DynamicPipeline  # the unwrapped pipeline (after ``prepare``)
+    train_loader: Any
+    val_loader: Any
+    micro_batches: int  # micro-batches per epoch: whole optimiser steps only
+    steps_per_epoch: int
+    global_batch: int
+    lr: float
+    optimizer: Any
+    scheduler: Any
+    mixup: Mixup | None
+    model: nn.Module  # what ``accelerator.prepare`` returned (DDP-wrapped on many processes)
+    ema: ModelEmaV3 | None
+
+    def __init__(self, recipe: DictConfig, max_steps: int | None = None) -> None:
+        self.recipe, self.cfg, self.data = recipe, recipe.train, recipe.data
+        self.max_steps = max_steps
+        self.output_dir = Path(self.cfg.output_dir)
+        self.ckpt_dir = checkpoints_dir(self.output_dir)
+        self.metrics_file = self.output_dir / "metrics.jsonl"
+        self.accelerator, self.ddp = make_accelerator(self.cfg, self.output_dir)
+        self.accum = self.cfg.grad_accum_steps
+        self.progress = Progress()
+        self.probe: Tensor | None = None  # the latest training batch: a checkpoint is checked on it
+        _limit_cpu_threads(self.accelerator, self.data.num_workers)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def check_inputs(self, resume: str | None) -> None:
+        """Checks that fail before anything heavy runs: the data, the output folder, what to resume."""
+        cfg = self.cfg
+        with self.accelerator.local_main_process_first():  # data caches (quickstart, imagefolder) build once per node
+            self.classes = validate_data(self.recipe)
+        _check_writable(self.output_dir)
+        self.resume_from = _resume_folder(resume, self.output_dir)
+        if cfg.full_image_epochs >= cfg.epochs > 0:
+            self.accelerator.print(
+                f"note: train.full_image_epochs={cfg.full_image_epochs} >= train.epochs={cfg.epochs}: stage 2 sees "
+                "the whole image throughout and region selection is never trained"
+            )
+
+    def build_model(self) -> None:
+        """The pipeline, its starting weights; DDP is told about parameters a step can leave unused."""
+        cfg, accelerator = self.cfg, self.accelerator
+        set_seed(cfg.seed)
+        pipe = build_pipeline(self.recipe, with_loss=True)
+        if pipe.backbone.num_classes != len(self.classes):
+            raise TrainingError(
+                f"the data has {len(self.classes)} classes but the model's head has {pipe.backbone.num_classes}; "
+                f"set model.backbone.num_classes={len(self.classes)}"
+            )
+        if self.resume_from is not None:
+            check_resumable(pipe, self.resume_from)
+        if cfg.init_backbone and self.resume_from is None:
+            init_backbone(pipe, cfg.init_backbone)
+        if accelerator.num_processes > 1 and pipe.num_stages == 2:
+            phases = sorted({True, False} if 0 < cfg.full_image_epochs < cfg.epochs else {cfg.full_image_epochs > 0})
+            unused = unused_parameters(pipe, phases)
+            self.ddp.find_unused_parameters = bool(unused)
+            if unused:
+                accelerator.print(f"parameters without gradient in some steps (DDP will look for them): {unused[:5]}")
+        self.pipe = pipe
+
+    def build_data(self) -> None:
+        """The loaders, a disjoint shard per process, and the epoch's length in optimiser steps."""
+        accelerator, data, cfg, accum = self.accelerator, self.data, self.cfg, self.accum
+        with accelerator.local_main_process_first():
+            shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
+            self.train_loader = build_dataloader(
+                self.recipe, data.train_split, train=True, limit=data.train_limit, **shard
+            )
+            self.val_loader = build_dataloader(self.recipe, data.val_split, train=False, limit=data.val_limit, **shard)
+        self.micro_batches = len(self.train_loader) // accum * accum  # whole optimiser steps per epoch
+        self.steps_per_epoch = self.micro_batches // accum
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"one epoch has {len(self.train_loader.sampler)} training images per process, fewer than one "
+                f"optimiser step of train.batch_size={cfg.batch_size} x train.grad_accum_steps={accum}; "
+                "lower them or add data"
+            )
+        self.global_batch = cfg.batch_size * accelerator.num_processes * accum
+
+    def build_optimisation(self) -> None:
+        """Optimiser, schedule and mixup: timm's parts."""
+        cfg = self.cfg
+        self.lr = scaled_lr(cfg, self.global_batch)
+        no_decay = no_weight_decay_names(self.pipe)
+        self.optimizer = create_optimizer_v2(
+            self.pipe,
+            opt=cfg.opt,
+            lr=self.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            eps=cfg.opt_eps,
+            param_group_fn=lambda m: param_groups_weight_decay(m, cfg.weight_decay, no_weight_decay_list=no_decay),
         )
-
-    # -- model; DDP is told about parameters a step can leave unused
-    set_seed(cfg.seed)
-    pipe = build_pipeline(recipe, with_loss=True)
-    if pipe.backbone.num_classes != len(classes):
-        raise TrainingError(
-            f"the data has {len(classes)} classes but the model's head has {pipe.backbone.num_classes}; "
-            f"set model.backbone.num_classes={len(classes)}"
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer,
+            sched=cfg.sched,
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            cooldown_epochs=cfg.cooldown_epochs,
+            step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
         )
-    if resume_from is not None:
-        check_resumable(pipe, resume_from)
-    if cfg.init_backbone and resume_from is None:
-        init_backbone(pipe, cfg.init_backbone)
-    if accelerator.num_processes > 1 and pipe.num_stages == 2:
-        phases = sorted({True, False} if 0 < cfg.full_image_epochs < cfg.epochs else {cfg.full_image_epochs > 0})
-        unused = unused_parameters(pipe, phases)
-        ddp.find_unused_parameters = bool(unused)
-        if unused:
-            accelerator.print(f"parameters without gradient in some steps (DDP will look for them): {unused[:5]}")
+        self.mixup = build_mixup(cfg, len(self.classes))
 
-    # -- data: a disjoint shard per process
-    with accelerator.local_main_process_first():
-        shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
-        train_loader = build_dataloader(recipe, data.train_split, train=True, limit=data.train_limit, **shard)
-        val_loader = build_dataloader(recipe, data.val_split, train=False, limit=data.val_limit, **shard)
-    micro_batches = len(train_loader) // accum * accum  # whole optimiser steps per epoch
-    steps_per_epoch = micro_batches // accum
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"one epoch has {len(train_loader.sampler)} training images per process, fewer than one optimiser step "
-            f"of train.batch_size={cfg.batch_size} x train.grad_accum_steps={accum}; lower them or add data"
-        )
-    global_batch = cfg.batch_size * accelerator.num_processes * accum
+    def prepare(self) -> None:
+        """``accelerator.prepare``, then the EMA of the prepared weights; both saved with each checkpoint."""
+        accelerator = self.accelerator
+        self.model, self.optimizer = accelerator.prepare(self.pipe, self.optimizer)
+        self.pipe = accelerator.unwrap_model(self.model)
+        self.ema = ModelEmaV3(self.pipe, decay=self.cfg.ema_decay) if self.cfg.ema else None
+        accelerator.register_for_checkpointing(self.scheduler)
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
 
-    # -- optimiser, schedule, mixup, EMA: timm's parts
-    lr = scaled_lr(cfg, global_batch)
-    no_decay = no_weight_decay_names(pipe)
-    optimizer = create_optimizer_v2(
-        pipe,
-        opt=cfg.opt,
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        eps=cfg.opt_eps,
-        param_group_fn=lambda m: param_groups_weight_decay(m, cfg.weight_decay, no_weight_decay_list=no_decay),
-    )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=cfg.sched,
-        num_epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-        cooldown_epochs=cfg.cooldown_epochs,
-        step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )
-    mixup = build_mixup(cfg, len(classes))
-
-    model, optimizer = accelerator.prepare(pipe, optimizer)
-    pipe = accelerator.unwrap_model(model)
-    ema = ModelEmaV3(pipe, decay=cfg.ema_decay) if cfg.ema else None
-    accelerator.register_for_checkpointing(scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-    # -- fresh start or resume
-    progress = Progress()
-    set_seed(cfg.seed, device_specific=True)  # each process its own dropout / mixup streams
-    if resume_from is not None:
+    def restore(self) -> None:
+        """A fresh start, or everything a checkpoint holds: weights, optimiser, schedule, RNG streams, position."""
+        accelerator, resume_from = self.accelerator, self.resume_from
+        self.progress = Progress()
+        set_seed(self.cfg.seed, device_specific=True)  # each process its own dropout / mixup streams
+        if resume_from is None:
+            return
         meta = load_training_checkpoint(accelerator, resume_from)
-        progress = Progress(**{k: meta[k] for k in asdict(progress) if k in meta})
+        progress = self.progress = Progress(**{k: meta[k] for k in asdict(self.progress) if k in meta})
         if progress.epoch_step and (meta["global_batch"], meta["world_size"]) != (
-            global_batch,
+            self.global_batch,
             accelerator.num_processes,
         ):
             raise TrainingError(
                 f"{resume_from} stopped inside an epoch with {meta['world_size']} process(es) and a global batch of "
                 f"{meta['global_batch']}; resume it with the same, or from a checkpoint at an epoch end"
             )
-        scheduler.step_update(progress.step)
+        self.scheduler.step_update(progress.step)
         accelerator.print(f"resumed from {resume_from}: epoch {progress.epoch + 1}, step {progress.step}")
 
-    metrics_file = output_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
-        if resume_from is not None:
-            _truncate_metrics(metrics_file, progress.epoch)
-        elif metrics_file.exists():
-            metrics_file.unlink()
-    if cfg.tensorboard:
-        accelerator.init_trackers("tensorboard", config=_flat(recipe))
-    accelerator.print(
-        f"training {recipe.model.backbone.get('arch')} ({pipe.num_stages} stage(s)) on {accelerator.num_processes} "
-        f"process(es), {accelerator.device}, mixed precision {accelerator.mixed_precision}: global batch {global_batch}"
-        f" = {cfg.batch_size} x {accelerator.num_processes} x {accum}, lr {lr:.3g}, {steps_per_epoch} steps/epoch"
-    )
+    def open_outputs(self) -> None:
+        """The output folder's recipe.yaml and metrics.jsonl (cut back to the resumed epoch), the trackers."""
+        accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(self.output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+            if self.resume_from is not None:
+                _truncate_metrics(self.metrics_file, self.progress.epoch)
+            elif self.metrics_file.exists():
+                self.metrics_file.unlink()
+        if cfg.tensorboard:
+            accelerator.init_trackers("tensorboard", config=_flat(recipe))
+        processes = accelerator.num_processes
+        accelerator.print(
+            f"training {recipe.model.backbone.get('arch')} ({self.pipe.num_stages} stage(s)) on {processes} "
+            f"process(es), {accelerator.device}, mixed precision {accelerator.mixed_precision}: global batch "
+            f"{self.global_batch} = {cfg.batch_size} x {processes} x {self.accum}, lr {self.lr:.3g}, "
+            f"{self.steps_per_epoch} steps/epoch"
+        )
 
-    def save(target: Path, probe: Tensor) -> None:
-        _check_outputs_finite(accelerator, pipe, ema, probe, progress, ckpt_dir)
-        digests = gather_object([weights_digest(pipe)])
-        if len(set(digests)) > 1:
-            accelerator.print(f"WARNING: the processes hold different weights (SHA-256 per rank: {digests})")
-        meta = {
-            **asdict(progress),
-            "steps_per_epoch": steps_per_epoch,
-            "world_size": accelerator.num_processes,
-            "batch_size": cfg.batch_size,
-            "grad_accum_steps": accum,
-            "global_batch": global_batch,
-            "weights_sha256_per_rank": digests,
-        }
-        save_training_checkpoint(accelerator, model, target, meta, ema)
+    # -- one epoch ------------------------------------------------------------------------
 
-    ckpt_dir = checkpoints_dir(output_dir)
+    def reached_max_steps(self) -> bool:
+        return self.max_steps is not None and self.progress.step >= self.max_steps
 
-    def every_n_steps(step: int) -> bool:
-        return bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+    def train_epoch(self, epoch: int) -> EpochStats | None:
+        """The epoch's ``accumulate -> backward -> clip -> step``, from where a resumed run stopped.
 
-    def keep_step_checkpoint(step: int) -> None:
-        if cfg.keep_step_checkpoints and every_n_steps(step) and accelerator.is_main_process:
-            copy_checkpoint(ckpt_dir / "last", ckpt_dir / f"step_{step}")
-
-    for epoch in range(progress.epoch, cfg.epochs):
-        if max_steps is not None and progress.step >= max_steps:
-            break
+        Returns None when ``max_steps`` stopped it inside the epoch (``last`` is
+        saved then); else closes the epoch in ``progress`` and returns its stats.
+        """
+        accelerator, cfg, progress, model = self.accelerator, self.cfg, self.progress, self.model
         # LF-ViT's schedule: stage 2 sees the whole image for the first full_image_epochs epochs
-        pipe.whole_image_stage2 = epoch < cfg.full_image_epochs
+        self.pipe.whole_image_stage2 = epoch < cfg.full_image_epochs
         model.train()
-        set_epoch(train_loader, epoch)
-        done = progress.epoch_step * accum  # micro-batches of this epoch already trained (resume)
-        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        set_epoch(self.train_loader, epoch)
+        done = progress.epoch_step * self.accum  # micro-batches of this epoch already trained (resume)
+        batches = accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader
         images_seen, start = 0, time.perf_counter()
         step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-        with tqdm(  # closed on leaving, so an error's message starts on a line of its own
-            total=steps_per_epoch,
-            initial=progress.epoch_step,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="step",
-            disable=not accelerator.is_main_process,
-            dynamic_ncols=True,
-        ) as bar:
-            for images, labels in islice(batches, micro_batches - done):
-                images = images.to(accelerator.device, non_blocking=True)
-                labels = labels.to(accelerator.device, non_blocking=True)
-                if mixup is not None:
-                    images, targets = mixup(images, labels)
-                elif cfg.smoothing > 0:
-                    targets = mixup_target(labels, len(classes), smoothing=cfg.smoothing)
-                else:
-                    targets = labels
-
+        with self._progress_bar(epoch) as bar:
+            for images, labels in islice(batches, self.micro_batches - done):
+                images, targets = self._inputs(images, labels)
+                self.probe = images
                 with accelerator.accumulate(model):
-                    loss = pipe.compute_loss(model(images), targets)
+                    loss = self.pipe.compute_loss(model(images), targets)
                     accelerator.backward(loss)
                     step_loss = step_loss + loss.detach().float()  # stays on the device: no sync per micro-batch
                     micro_steps += 1
                     if accelerator.sync_gradients:
                         # one fused check and one host sync per optimiser step, before the update
-                        loss_value = _checked_step(accelerator, pipe, step_loss, micro_steps, epoch, progress, ckpt_dir)
+                        loss_value = _checked_step(
+                            accelerator, self.pipe, step_loss, micro_steps, epoch, progress, self.ckpt_dir
+                        )
                         if cfg.clip_grad:
                             accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
 
                 images_seen += images.shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
-                progress.epoch_loss_sum += loss_value * micro_steps
-                progress.epoch_loss_count += micro_steps
-                step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-                progress.step += 1
-                progress.epoch_step += 1
-                scheduler.step_update(num_updates=progress.step)
-                if ema is not None:
-                    ema.update(pipe, step=progress.step)
-                current_lr = optimizer.param_groups[0]["lr"]
                 rate = images_seen / max(time.perf_counter() - start, 1e-9)
-                train_loss = progress.epoch_loss_sum / progress.epoch_loss_count
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.0f}")
-                bar.update()
-                if cfg.tensorboard and progress.step % cfg.log_every_steps == 0:
-                    accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
-                stop = max_steps is not None and progress.step >= max_steps
-                if progress.epoch_step < steps_per_epoch and (stop or every_n_steps(progress.step)):
-                    save(ckpt_dir / "last", images)  # at the epoch's end `last` is saved after validation instead
-                    keep_step_checkpoint(progress.step)
-                if stop:
+                self._end_step(loss_value, micro_steps, rate, bar)
+                step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
+                if self.reached_max_steps():
                     break
         elapsed = time.perf_counter() - start
-        if progress.epoch_step < steps_per_epoch:  # stopped by max_steps inside the epoch; `last` is saved
+        if progress.epoch_step < self.steps_per_epoch:  # stopped by max_steps inside the epoch; `last` is saved
             accelerator.print(f"stopped after {progress.step} steps (--max-steps); resume with --resume auto")
-            break
-
-        # -- end of epoch: validate, log, checkpoint
+            return None
         train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
         progress.epoch, progress.epoch_step = epoch + 1, 0
         progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
-        accuracies = evaluate_stages(accelerator, pipe, val_loader)
+        return EpochStats(train_loss=train_loss, images_seen=images_seen, elapsed=elapsed)
+
+    def _progress_bar(self, epoch: int) -> tqdm:
+        return tqdm(  # a context manager: closed on leaving, so an error's message starts on a line of its own
+            total=self.steps_per_epoch,
+            initial=self.progress.epoch_step,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            unit="step",
+            disable=not self.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
+
+    def _inputs(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch on the device, with its training targets: mixed (mixup/cutmix), smoothed, or the labels."""
+        images = images.to(self.accelerator.device, non_blocking=True)
+        labels = labels.to(self.accelerator.device, non_blocking=True)
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        if self.cfg.smoothing > 0:
+            return images, mixup_target(labels, len(self.classes), smoothing=self.cfg.smoothing)
+        return images, labels
+
+    def _end_step(self, loss_value: float, micro_steps: int, rate: float, bar: tqdm) -> None:
+        """After an optimiser step: progress, schedule, EMA, the bar, the tracker, a mid-epoch checkpoint."""
+        accelerator, cfg, progress = self.accelerator, self.cfg, self.progress
+        progress.epoch_loss_sum += loss_value * micro_steps
+        progress.epoch_loss_count += micro_steps
+        progress.step += 1
+        progress.epoch_step += 1
+        self.scheduler.step_update(num_updates=progress.step)
+        if self.ema is not None:
+            self.ema.update(self.pipe, step=progress.step)
+        current_lr = self.optimizer.param_groups[0]["lr"]
+        train_loss = progress.epoch_loss_sum / progress.epoch_loss_count
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.0f}")
+        bar.update()
+        if cfg.tensorboard and progress.step % cfg.log_every_steps == 0:
+            accelerator.log({"train/loss": loss_value, "train/lr": current_lr}, step=progress.step)
+        if progress.epoch_step < self.steps_per_epoch and (self.reached_max_steps() or self._every_n(progress.step)):
+            self.save_checkpoint()  # at the epoch's end `last` is saved after validation instead
+            self._keep_step_checkpoint(progress.step)
+
+    # -- validate, record, save -------------------------------------------------------------
+
+    def validate(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
+        """The epoch's metrics: per-stage validation accuracy (and the EMA's), training loss, speed."""
+        accelerator, progress = self.accelerator, self.progress
+        accuracies = evaluate_stages(accelerator, self.pipe, self.val_loader)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": progress.step,
-            "train_loss": train_loss,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": stats.train_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
             **accuracy_metrics(accuracies),
         }
-        if ema is not None:
-            metrics["val_acc_ema"] = evaluate_stages(accelerator, ema.module, val_loader)[-1]
-        if data.skip_corrupt:  # unreadable images stood in for by the next readable one, over every process
-            metrics["skipped_images"] = len({p for ps in gather_object([skipped_images(train_loader)]) for p in ps})
+        if self.ema is not None:
+            metrics["val_acc_ema"] = evaluate_stages(accelerator, self.ema.module, self.val_loader)[-1]
+        if self.data.skip_corrupt:  # unreadable images stood in for by the next readable one, over every process
+            skipped = gather_object([skipped_images(self.train_loader)])
+            metrics["skipped_images"] = len({p for ps in skipped for p in ps})
         metrics |= {
-            "img_per_s": images_seen / max(elapsed, 1e-9),
-            "epoch_time_s": elapsed,
-            "whole_image_stage2": pipe.whole_image_stage2,
+            "img_per_s": stats.images_seen / max(stats.elapsed, 1e-9),
+            "epoch_time_s": stats.elapsed,
+            "whole_image_stage2": self.pipe.whole_image_stage2,
         }
+        return metrics
+
+    def record(self, metrics: dict[str, Any]) -> bool:
+        """Update the best accuracy, print, append to metrics.jsonl, log; True when the epoch is the best yet."""
+        accelerator, progress = self.accelerator, self.progress
         improved = progress.best_val_acc is None or metrics["val_acc"] > progress.best_val_acc
         if improved:
-            progress.best_val_acc, progress.best_epoch = metrics["val_acc"], epoch + 1
+            progress.best_val_acc, progress.best_epoch = metrics["val_acc"], metrics["epoch"]
         metrics["best_val_acc"] = progress.best_val_acc
         accelerator.print(
-            f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, "
+            f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_acc"))
-            + f", {metrics['img_per_s']:.0f} img/s (train, all processes), {elapsed:.1f} s"
+            + f", {metrics['img_per_s']:.0f} img/s (train, all processes), {metrics['epoch_time_s']:.1f} s"
         )
         if accelerator.is_main_process:
-            with metrics_file.open("a") as f:
+            with self.metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if cfg.tensorboard:
+        if self.cfg.tensorboard:
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if k.startswith("val_")}, step=progress.step)
-        save(ckpt_dir / "last", images)
-        keep_step_checkpoint(progress.step)
-        if improved and accelerator.is_main_process:
-            copy_checkpoint(ckpt_dir / "last", ckpt_dir / "best")
-        accelerator.wait_for_everyone()
+        return improved
 
-    accelerator.end_training()
-    return output_dir
+    def save_epoch_end(self, improved: bool) -> None:
+        """``last`` (and ``step_N``, ``best`` where they apply), every process waiting for the copies."""
+        self.save_checkpoint()
+        self._keep_step_checkpoint(self.progress.step)
+        if improved and self.accelerator.is_main_process:
+            copy_checkpoint(self.ckpt_dir / "last", self.ckpt_dir / "best")
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        """Write ``last`` atomically, after checking the weights on the latest training batch."""
+        accelerator = self.accelerator
+        assert self.probe is not None, "a checkpoint is saved after a training batch"
+        _check_outputs_finite(accelerator, self.pipe, self.ema, self.probe, self.progress, self.ckpt_dir)
+        digests = gather_object([weights_digest(self.pipe)])
+        if len(set(digests)) > 1:
+            accelerator.print(f"WARNING: the processes hold different weights (SHA-256 per rank: {digests})")
+        meta = {
+            **asdict(self.progress),
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": accelerator.num_processes,
+            "batch_size": self.cfg.batch_size,
+            "grad_accum_steps": self.accum,
+            "global_batch": self.global_batch,
+            "weights_sha256_per_rank": digests,
+        }
+        save_training_checkpoint(accelerator, self.model, self.ckpt_dir / "last", meta, self.ema)
+
+    def _every_n(self, step: int) -> bool:
+        every = self.cfg.checkpoint_every_steps
+        return bool(every) and step % every == 0
+
+    def _keep_step_checkpoint(self, step: int) -> None:
+        if self.cfg.keep_step_checkpoints and self._every_n(step) and self.accelerator.is_main_process:
+            copy_checkpoint(self.ckpt_dir / "last", self.ckpt_dir / f"step_{step}")
 
 
 def _last_good(ckpt_dir: Path) -> str:
