@@ -168,3 +168,14 @@ def test_counters_detect_a_per_sample_loop(pipe):
     a, b = work(lambda: looping.infer(small)), work(lambda: looping.infer(large))
     with pytest.raises(AssertionError, match="differ"):
         assert_same_work(a, b)
+
+
+def test_three_stage_infer_work_does_not_grow_with_batch():
+    """Every stage runs once on its compacted sub-batch: the same calls for 8 images as for 32."""
+    torch.manual_seed(0)
+    three = build_pipeline(load_recipe(Path(__file__).with_name("tiny_three_stages.yaml"))).eval()
+    for stage in three.stages[:2]:
+        stage.exit_policy = HalfExit()
+    batch = [torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) for n in (8, 32)]
+    assert three.infer(batch[0]).exit_stage.tolist().count(3) == 2  # all three stages ran
+    assert_same_work(work(lambda: three.infer(batch[0])), work(lambda: three.infer(batch[1])))

@@ -211,3 +211,53 @@ def test_lfvit_outputs_equal_the_two_stage_pipeline_they_came_from(case):
         result = pipe.infer(images, threshold=float(saved[f"{case}.threshold"]))
     assert torch.equal(result.exit_stage, saved[f"{case}.exit_stage"])
     torch.testing.assert_close(result.logits, saved[f"{case}.infer_logits"], **exact)
+
+
+THREE_STAGES = Path(__file__).with_name("tiny_three_stages.yaml")
+
+
+def test_three_stage_inference_equals_a_per_sample_cascade():
+    """Each sample's result is the logits of the first stage whose confidence reaches its threshold, computed
+    on that sample alone; the batched path runs each stage once on the compacted sub-batch."""
+    torch.manual_seed(0)
+    pipe = build_pipeline(load_recipe(THREE_STAGES)).eval()
+    images = torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stages = pipe(images).logits
+    confidence = [s.softmax(-1).amax(-1) for s in stages[:2]]
+    # thresholds that split the batch at both exits
+    thresholds = [float(confidence[0].quantile(0.7)), float(confidence[1].quantile(0.5))]
+    result = pipe.infer(images, threshold=thresholds)
+    for i in range(len(images)):
+        with torch.no_grad():
+            single = pipe(images[i : i + 1]).logits
+        stage = next((k for k in range(2) if single[k].softmax(-1).amax() >= thresholds[k]), 2)
+        assert result.exit_stage[i] == stage + 1, i
+        torch.testing.assert_close(result.logits[i], single[stage][0], **tolerance())
+    assert set(result.exit_stage.tolist()) == {1, 2, 3}
+    torch.testing.assert_close(result.stage1_logits, stages[0], **tolerance())
+
+
+def test_three_stage_training_output_and_loss():
+    torch.manual_seed(0)
+    pipe = build_pipeline(load_recipe(THREE_STAGES))
+    images, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    out = pipe(images)
+    assert [s.grid for s in out.stages] == [(2, 2), (4, 4), (8, 8)]
+    assert [s.tokens.shape[1] for s in out.stages] == [5, 17, 65]
+    assert out.selection is None  # no stage refines
+    expected = sum(F.cross_entropy(logits, target) for logits in out.logits)
+    torch.testing.assert_close(pipe.compute_loss(out, target), expected, **tolerance())
+    # each stage has its own backbone: the stages' parameters are disjoint
+    own = [pipe.backbone_of(i) for i in range(3)]
+    assert len({id(b) for b in own}) == 3 and own[0] is pipe.backbone
+    assert {k.split(".backbone.")[0] for k in pipe.state_dict() if ".backbone." in k} == {"stages.1", "stages.2"}
+
+
+def test_one_threshold_serves_every_exit_and_a_wrong_count_is_refused():
+    torch.manual_seed(0)
+    pipe = build_pipeline(load_recipe(THREE_STAGES)).eval()
+    images = torch.randn(8, 3, 64, 64)
+    assert torch.equal(pipe.infer(images, threshold=0.3).exit_stage, pipe.infer(images, threshold=[0.3, 0.3]).exit_stage)
+    with pytest.raises(ValueError, match="2 exits; give 2 thresholds, got 1"):
+        pipe.infer(images, threshold=[0.3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,30 @@ def test_ablation_is_one_override_and_builds():
     pipe = build_pipeline(recipe)
     assert type(pipe.selector).__name__ == "NegativeNGCASelector"
     assert type(pipe.loss).__name__ == "CEPlusCE"
+
+
+THREE_STAGES = Path(__file__).with_name("tiny_three_stages.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.stages.0.exit=null"], r"model.stages.0 needs an exit policy"),
+        (["model.stages.2.exit.type=confidence"], r"model.stages.2.exit: the last stage has no exit policy"),
+        (["model.stages.1.foo=1"], r"model.stages.1.foo: unknown stage key; accepted keys: backbone, downsampler"),
+        (["model.exit.threshold=0.3"], r"model.exit is read only by the two-stage shorthand .* model.stages.0.exit"),
+        (["model.stages.1.exit.type=sometimes"], r"model.stages.1.exit.type: unknown exit_policy plugin 'sometimes'"),
+        (["model.stages.1.backbone.depht=3"], r"model.stages.1.backbone.depht: unknown key for backbone"),
+        (["model.stages.5.exit.threshold=0.3"], r"command-line overrides: model.stages.5.exit.threshold"),
+        (["model.stages=3"], r"model.stages must be 1, 2 or a list of stages"),
+    ],
+)
+def test_stage_list_mistakes_name_the_key(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(THREE_STAGES, overrides)
+
+
+def test_an_override_through_the_stage_list_changes_that_stage_only():
+    recipe = load_recipe(THREE_STAGES, ["model.stages.1.exit.threshold=0.25", "model.stages.2.backbone.depth=3"])
+    assert [s.get("exit", {}).get("threshold") for s in recipe.model.stages] == [0.5, 0.25, None]
+    assert [s.get("backbone", {}).get("depth") for s in recipe.model.stages] == [None, 2, 3]
