@@ -75,6 +75,7 @@ class Stage1Graph(nn.Module):
 
     def __init__(self, pipe: DynamicPipeline) -> None:
         super().__init__()
+        check_cascadable(pipe)
         self.pipe = pipe
         self.training = pipe.training  # this wrapper alone (train() would switch the pipeline too)
         if pipe.num_stages == 1:
@@ -99,6 +100,22 @@ class Stage1Graph(nn.Module):
             **{name: getattr(feeds, name) for name in FEED_FIELDS if name != "full_index"},
         }
         return tuple(values[name] for name in self.output_names)
+
+
+def check_cascadable(pipe: DynamicPipeline) -> None:
+    """The static-shape graphs cover one whole-image stage, or LF-ViT's shape: a whole-image stage, then a
+    refining stage over the same backbone without hooks. Other pipelines run eager ``infer``."""
+    stages = pipe.stages
+    plain = all(s.backbone is None and len(s.hooks) == 0 for s in stages)
+    if pipe.num_stages == 1 and plain and stages[0].downsampler is None:
+        return
+    if pipe.num_stages == 2 and plain and not stages[0].refines and stages[1].refines:
+        return
+    raise ValueError(
+        f"compiled and exported inference covers one-stage recipes and two-stage recipes whose second stage "
+        f"refines over the shared backbone (LF-ViT, CF-ViT); this pipeline has {pipe.num_stages} stages"
+        f"{'' if plain else ' with own backbones or hooks'}: run it with pipe.infer, uncompiled"
+    )
 
 
 class Stage2Graph(nn.Module):

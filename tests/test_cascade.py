@@ -14,7 +14,7 @@ from conftest import tiny_recipe
 from dynvit.plugins.selectors import RandomSelector, hash32
 from torch import Tensor
 
-from dynvit import build_pipeline
+from dynvit import build_pipeline, load_recipe
 from dynvit.cascade import CompiledCascade, Stage1Graph, Stage2Graph, bucket_ladder, bucket_size
 from dynvit.stages import ExitPolicy
 
@@ -234,3 +234,11 @@ def test_compiled_throughput_times_the_compiled_cascade_against_the_same_compile
     assert result.compiled and throughput_metrics(result)["compiled"] is True
     assert result.exit_fraction == 0.0 and calls.count(1.01) == 1 + 1 + 2  # exit check, warm-up, timed rounds
     assert cascade.compile_like(pipe.run_full_resolution, torch.device("cpu")) == pipe.run_full_resolution
+
+
+def test_pipelines_beyond_the_two_stage_shape_are_refused_with_the_way_out():
+    from pathlib import Path
+
+    three = build_pipeline(load_recipe(Path(__file__).with_name("tiny_three_stages.yaml"))).eval()
+    with pytest.raises(ValueError, match="this pipeline has 3 stages with own backbones or hooks: run it with pipe.infer"):
+        three.compile()
