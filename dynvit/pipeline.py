@@ -327,12 +327,17 @@ class DynamicPipeline(nn.Module):
         empty = functools.partial(torch.zeros, dtype=torch.long, device=device)
         return Selection(empty(0, computed), empty(0, reused), empty(0, 4), empty(0, kept))
 
+    @property
+    def full_resolution_backbone(self) -> Backbone:
+        """The backbone of the last stage: what the pipeline's savings are measured against."""
+        return self.backbone_of(self.num_stages - 1)
+
     def run_full_resolution(self, images: Tensor) -> Tensor:
-        """The plain shared backbone on the whole full-resolution image: (B, C) logits."""
-        grid = self.backbone.grid_size(self.image_size)
-        pos = self.backbone.position_embedding(grid)
-        tokens = self.backbone.embed_patches(images) + pos[:, 1:]
-        return self.backbone.encode(tokens, pos[:, :1]).logits
+        """The last stage's backbone alone on the whole full-resolution image: (B, C) logits (the baseline)."""
+        backbone = self.full_resolution_backbone
+        pos = backbone.position_embedding(backbone.grid_size(self.image_size))
+        tokens = backbone.embed_patches(images) + pos[:, 1:]
+        return backbone.encode(tokens, pos[:, :1]).logits
 
     def run_whole_image(self, index: int, images: Tensor, previous: StageOutput | None = None) -> StageOutput:
         """A whole-image stage: every patch of the (downsampled) image."""
