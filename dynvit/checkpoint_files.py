@@ -148,14 +148,19 @@ def _unreadable(path: Path, exc: BaseException, detail: str | None = None) -> Ch
     )
 
 
+# entries a checkpoint may keep its weights under, tried in this order (DVT's release: model_state_dict)
+STATE_DICT_ENTRIES = ("model", "state_dict", "model_state_dict")
+
+
 def state_dict_from(checkpoint: Mapping[str, Any], source: PathLike | str = "checkpoint") -> StateDict:
-    """The state dict inside a checkpoint: its ``model`` (or ``state_dict``) entry, or the checkpoint itself.
+    """The state dict inside a checkpoint: its ``model`` (or ``state_dict``, ``model_state_dict``) entry, or the
+    checkpoint itself.
 
     A ``module.`` prefix on every key (a model saved through DistributedDataParallel)
     and torch.compile's ``_orig_mod.`` are removed.
     """
     inner: Any = checkpoint
-    for key in ("model", "state_dict"):
+    for key in STATE_DICT_ENTRIES:
         if isinstance(checkpoint.get(key), Mapping):
             inner = checkpoint[key]
             break

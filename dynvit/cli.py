@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "flops": "flops",
     "import-lfvit": "import_lfvit",
     "import-cfvit": "import_cfvit",
+    "import-dvt": "import_dvt",
     "data": "data",
     "quickstart": "quickstart",
     "export": "export",

@@ -26,6 +26,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from dynvit.checkpoint_files import (
+    STATE_DICT_ENTRIES,
     WEIGHTS_NAME,
     CheckpointError,
     PathLike,
@@ -252,18 +253,62 @@ AUTHORS_KEY_PREFIXES = (
 _AUTHORS_POSITION = re.compile(r"pos_embed_list\.(\d+)")
 
 
+# DVT's three transformers, in cascade order: the first runs the pipeline's shared backbone, the others
+# their stage's own (``stages.<i>.backbone``)
+DVT_TRANSFORMERS = ("less_less_token", "less_token", "normal_token")
+_DVT_FEATURE_REUSE = re.compile(r"(\w+)\.blocks\.(\d+)\.feature_resuse_mlp\.")  # sic: the authors' spelling
+
+
+def dvt_key_prefixes(keys: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """The prefix table of one DVT checkpoint (its hooks' indices depend on which reuse it has).
+
+    Each transformer's stage lists its hooks feature reuse first, then
+    relation reuse, as the DVT recipes do, numbering only those present:
+    an ablation checkpoint without feature reuse has its relation reuse at
+    ``hooks.0``. Block ``i``'s ``feature_resuse_mlp`` is the feature hook's
+    ``mlps.<i>``; ``relation_reuse_conv`` is the relation hook's ``conv``.
+    The widened ``norm2`` / ``mlp.fc1`` (D + 48 inputs) keep their names.
+    """
+    keys = list(keys)
+    table: list[tuple[str, str]] = []
+    for index, name in enumerate(DVT_TRANSFORMERS):
+        backbone = "backbone.model." if index == 0 else f"stages.{index}.backbone.model."
+        blocks = sorted({int(m.group(2)) for k in keys if (m := _DVT_FEATURE_REUSE.match(k)) and m.group(1) == name})
+        relation = any(k.startswith(f"{name}.relation_reuse_conv.") for k in keys)
+        hook = 0
+        if blocks:
+            table += [
+                (f"{name}.blocks.{b}.feature_resuse_mlp.", f"stages.{index}.hooks.{hook}.mlps.{b}.") for b in blocks
+            ]
+            hook += 1
+        if relation:
+            table.append((f"{name}.relation_reuse_conv.", f"stages.{index}.hooks.{hook}.conv."))
+        table.append((f"{name}.", backbone))
+    return tuple(table)
+
+
 @dataclass(frozen=True)
 class AuthorsFormat:
-    """One method's released checkpoints: the name in messages and the entries kept beside ``model``."""
+    """One method's released checkpoints: the name in messages, the entries kept beside the weights, the key table."""
 
     name: str  # as the paper writes it, for messages
-    metadata_keys: tuple[str, ...]  # entries beside 'model', copied into the sidecar JSON under their own names
+    metadata_keys: tuple[str, ...]  # entries beside the weights, copied into the sidecar JSON under their own names
+    # the checkpoint's keys -> its (authors' prefix, dynvit prefix) table, first match wins
+    key_prefixes: Callable[[Iterable[str]], tuple[tuple[str, str], ...]] = lambda keys: AUTHORS_KEY_PREFIXES
+    position_tables: bool = True  # one shared backbone, its per-stage tables as pos_embed_list.N (mapped by shape)
 
 
 AUTHORS_FORMATS = {
     "lfvit": AuthorsFormat("LF-ViT", ("flops", "anytime_classification", "budgeted_batch_classification")),
     # CF-ViT's release names its per-stage GFLOPs list 'flop', not 'flops'
     "cfvit": AuthorsFormat("CF-ViT", ("flop", "anytime_classification", "budgeted_batch_classification")),
+    # DVT's weights are under 'model_state_dict'; each transformer keeps its own pos_embed
+    "dvt": AuthorsFormat(
+        "DVT",
+        ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification"),
+        key_prefixes=dvt_key_prefixes,
+        position_tables=False,
+    ),
 }
 LFVIT_METADATA_KEYS = AUTHORS_FORMATS["lfvit"].metadata_keys
 
@@ -284,26 +329,31 @@ def _square_grid(table: Tensor, key: str) -> int:
 
 
 def convert_authors_state_dict(state_dict: Mapping[str, Tensor], method: str = "lfvit") -> StateDict:
-    """Rename the authors' LF-ViT or CF-ViT state dict (``method`` "lfvit" or "cfvit") to dynvit pipeline keys.
+    """Rename the authors' LF-ViT, CF-ViT or DVT state dict (``method`` a key of :data:`AUTHORS_FORMATS`)
+    to dynvit pipeline keys, through the format's prefix table.
 
     Widths, depth, patch size and grids come from the tensors, so any
     variant converts (224/112 with 14x14 and 7x7 grids, 288/144 with
-    18x18 and 9x9...). The largest position table becomes the backbone's
-    own; the others become ``backbone.stage_pos_embed.<rows>x<cols>``.
+    18x18 and 9x9...). LF-ViT/CF-ViT: the largest position table becomes
+    the backbone's own; the others become
+    ``backbone.stage_pos_embed.<rows>x<cols>``. DVT: each transformer's
+    tensors go to its stage's backbone and hooks (:func:`dvt_key_prefixes`).
     """
-    name = _authors_format(method).name
+    fmt = _authors_format(method)
+    name = fmt.name
     state = state_dict_from(state_dict, f"{name} state dict")
+    prefixes = fmt.key_prefixes(state)
     out: StateDict = {}
     tables: dict[int, tuple[str, Tensor]] = {}
     unknown = []
     for key, value in state.items():
-        if _AUTHORS_POSITION.fullmatch(key):
+        if fmt.position_tables and _AUTHORS_POSITION.fullmatch(key):
             side = _square_grid(value, key)
             if side in tables:
                 raise CheckpointError(f"{tables[side][0]} and {key} both hold a {side}x{side} position table")
             tables[side] = (key, value)
             continue
-        for old, new in AUTHORS_KEY_PREFIXES:
+        for old, new in prefixes:
             if key == old or (old.endswith(".") and key.startswith(old)):
                 out[new + key[len(old) :]] = value
                 break
@@ -314,6 +364,8 @@ def convert_authors_state_dict(state_dict: Mapping[str, Tensor], method: str = "
             f"keys that are not part of the {name} layout: {summarise_keys(unknown)}; "
             f"is this the authors' {name} checkpoint?"
         )
+    if not fmt.position_tables:
+        return out
     if len(tables) < 2:
         raise CheckpointError(
             f"the authors' {name} checkpoints have one position table per stage (pos_embed_list.0/1), "
@@ -365,10 +417,11 @@ class AuthorsImport:
     grids: list[int]  # side of each stage's square grid, stage 1 first
     metadata_keys: list[str]
     method: str = "lfvit"  # key of AUTHORS_FORMATS
+    patch_sizes: list[int] = field(default_factory=list)  # each stage's patch (DVT's differ); empty: patch_size
 
     @property
     def image_size(self) -> int:
-        return self.grids[-1] * self.patch_size
+        return self.grids[-1] * (self.patch_sizes[-1] if self.patch_sizes else self.patch_size)
 
 
 LFViTImport = AuthorsImport  # the name before CF-ViT shared it
@@ -377,9 +430,9 @@ LFViTImport = AuthorsImport  # the name before CF-ViT shared it
 def import_authors_checkpoint(
     src: PathLike, dst: PathLike, method: str = "lfvit", check: Callable[[StateDict], None] | None = None
 ) -> AuthorsImport:
-    """Convert the authors' LF-ViT or CF-ViT checkpoint ``src`` into a dynvit pipeline checkpoint ``dst``.
+    """Convert the authors' LF-ViT, CF-ViT or DVT checkpoint ``src`` into a dynvit pipeline checkpoint ``dst``.
 
-    ``method`` is a key of :data:`AUTHORS_FORMATS` ("lfvit", "cfvit").
+    ``method`` is a key of :data:`AUTHORS_FORMATS` ("lfvit", "cfvit", "dvt").
     ``dst`` (.safetensors) gets the weights; ``dst`` with ``.json`` a sidecar
     with the shapes found and the authors' extra entries (LF-ViT's
     ``flops``, CF-ViT's ``flop``, the anytime and budgeted-batch results).
@@ -398,8 +451,14 @@ def import_authors_checkpoint(
     head = state.get("backbone.model.head.weight")
     grids = sorted(int(k.rsplit(".", 1)[1].split("x")[0]) for k in state if k.startswith("backbone.stage_pos_embed."))
     grids.append(_square_grid(state["backbone.model.pos_embed"], "pos_embed"))
+    patch_sizes = [int(patch.shape[-1])] * len(grids)
+    # stages with their own backbone (DVT), in stage order
+    own = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"stages\.(\d+)\.backbone\.model\.pos_embed", k)))
+    for index in own:
+        grids.append(_square_grid(state[f"stages.{index}.backbone.model.pos_embed"], f"stage {index} pos_embed"))
+        patch_sizes.append(int(state[f"stages.{index}.backbone.model.patch_embed.proj.weight"].shape[-1]))
     extra = {k: _jsonable(checkpoint[k]) for k in fmt.metadata_keys if k in checkpoint}
-    ignored = sorted(k for k in checkpoint if k not in ("model", "state_dict", *fmt.metadata_keys))
+    ignored = sorted(k for k in checkpoint if k not in (*STATE_DICT_ENTRIES, *fmt.metadata_keys))
     summary = AuthorsImport(
         weights=dst,
         sidecar=dst.with_suffix(".json"),
@@ -411,6 +470,7 @@ def import_authors_checkpoint(
         grids=grids,
         metadata_keys=sorted(extra),
         method=method,
+        patch_sizes=patch_sizes,
     )
     info = {
         "format": f"dynvit pipeline weights, imported from the authors' {fmt.name} checkpoint",
@@ -418,6 +478,7 @@ def import_authors_checkpoint(
         "embed_dim": summary.embed_dim,
         "depth": summary.depth,
         "patch_size": summary.patch_size,
+        **({"patch_sizes": patch_sizes} if len(set(patch_sizes)) > 1 else {}),
         "num_classes": summary.num_classes,
         "grids": [f"{g}x{g}" for g in grids],
         "image_size": summary.image_size,
@@ -441,6 +502,11 @@ def import_lfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None
 def import_cfvit(src: PathLike, dst: PathLike, check: Callable[[StateDict], None] | None = None) -> AuthorsImport:
     """:func:`import_authors_checkpoint` for the authors' CF-ViT checkpoints."""
     return import_authors_checkpoint(src, dst, "cfvit", check)
+
+
+def import_dvt(src: PathLike, dst: PathLike, check: Callable[[StateDict], None] | None = None) -> AuthorsImport:
+    """:func:`import_authors_checkpoint` for the authors' DVT checkpoints."""
+    return import_authors_checkpoint(src, dst, "dvt", check)
 
 
 def load_checkpoint_weights(pipe: nn.Module, path: str | Path, ema: bool = False, strict: bool = True) -> nn.Module:

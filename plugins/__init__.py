@@ -7,6 +7,7 @@ through the ``dynvit.plugins`` entry-point group like any other package.
 from dynvit.plugins import (  # noqa: F401
     backbones,
     downsamplers,
+    dvt,
     exit_policies,
     fusers,
     losses,

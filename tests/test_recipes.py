@@ -24,7 +24,8 @@ def test_every_bundled_recipe_loads():
     assert {"lfvit_deit_s", "lfvit_star_deit_s", "deit_s", "quickstart"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.model.stages in (1, 2)
+        stages = recipe.model.stages
+        assert stages in (1, 2) if isinstance(stages, int) else len(stages) >= 2  # a list of stages (DVT)
 
 
 def test_base_inheritance_and_override_order(tmp_path):

@@ -1,4 +1,4 @@
-"""Shared by ``dynvit import-lfvit`` and ``dynvit import-cfvit``: an authors' checkpoint as a dynvit checkpoint.
+"""Shared by ``dynvit import-lfvit``, ``import-cfvit`` and ``import-dvt``: an authors' checkpoint as a dynvit one.
 
 Each command module builds one :class:`AuthorsImportCommand` and exports its
 ``HELP``, ``add_arguments`` and ``run``.
@@ -36,7 +36,11 @@ class AuthorsImportCommand:
         )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("source", metavar="IN", help="the authors' checkpoint (.pth with a 'model' entry, or bare)")
+        parser.add_argument(
+            "source",
+            metavar="IN",
+            help="the authors' checkpoint (.pth with a 'model' or 'model_state_dict' entry, or bare)",
+        )
         parser.add_argument("output", metavar="OUT", help="where to write the dynvit checkpoint (*.safetensors)")
         others = "; ".join(f"{size}px: {name}" for size, name in sorted(self.recipe_for_size.items()))
         parser.add_argument(
