@@ -571,7 +571,11 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
     sides = [image_size if d is None else d.output_size(image_size) for d in downsamplers]
     shared_sides = tuple(dict.fromkeys(side for side, s in zip(sides, sections) if "backbone" not in s.plugins))
     backbone = build(
-        "backbone", "model.backbone", model.backbone, image_size=image_size, stage_image_sizes=shared_sides or (image_size,)
+        "backbone",
+        "model.backbone",
+        model.backbone,
+        image_size=image_size,
+        stage_image_sizes=shared_sides or (image_size,),
     )
     stages = []
     for index, (stage, downsampler, side) in enumerate(zip(sections, downsamplers, sides)):

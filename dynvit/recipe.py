@@ -80,7 +80,9 @@ def stage_sections(model: DictConfig) -> list[StageSections]:
         return [StageSections({}, [])]
     if isinstance(stages, int):
         return [
-            StageSections({key: (dotted, _section(model, dotted.removeprefix("model."))) for key, dotted in s.items()}, [])
+            StageSections(
+                {key: (dotted, _section(model, dotted.removeprefix("model."))) for key, dotted in s.items()}, []
+            )
             for s in SHORTHAND_STAGES
         ]
     result = []

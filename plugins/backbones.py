@@ -67,7 +67,9 @@ def _widen_mlp(block: nn.Module, extra: int) -> None:
     norm, fc1 = block.norm2, block.mlp.fc1
     if not isinstance(norm, nn.LayerNorm) or not isinstance(fc1, nn.Linear):
         raise ValueError("mlp_extra_channels needs blocks whose MLP branch is LayerNorm then Linear (DeiT/ViT style)")
-    block.norm2 = nn.LayerNorm(norm.normalized_shape[0] + extra, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
+    block.norm2 = nn.LayerNorm(
+        norm.normalized_shape[0] + extra, eps=norm.eps, elementwise_affine=norm.elementwise_affine
+    )
     block.mlp.fc1 = nn.Linear(fc1.in_features + extra, fc1.out_features, bias=fc1.bias is not None)
 
 
@@ -183,7 +185,9 @@ class TimmViT(Backbone):
         p, pad = self.patch_size, 2 * self.patch_padding
         if (h + pad) % p or (w + pad) % p:
             padded = f" plus {pad} px of padding" if pad else ""
-            raise ValueError(f"image size {h}x{w}{padded} is not a multiple of the patch size {p}; use a multiple of {p}")
+            raise ValueError(
+                f"image size {h}x{w}{padded} is not a multiple of the patch size {p}; use a multiple of {p}"
+            )
         return ((h + pad) // p, (w + pad) // p)
 
     def _resample_native(self, grid: Grid) -> Tensor:

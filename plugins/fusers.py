@@ -5,9 +5,8 @@ from __future__ import annotations
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from dynvit.stages import gather_tokens
 from dynvit.registry import register
-from dynvit.stages import Fuser
+from dynvit.stages import Fuser, gather_tokens
 
 
 @register("fuser", "mlp_upsample")

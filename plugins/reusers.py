@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dynvit.stages import gather_tokens
 from dynvit.registry import register
-from dynvit.stages import StageOutput, TokenReuser
+from dynvit.stages import StageOutput, TokenReuser, gather_tokens
 
 
 @register("token_reuser", "stage1_embeddings")

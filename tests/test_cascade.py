@@ -240,5 +240,7 @@ def test_pipelines_beyond_the_two_stage_shape_are_refused_with_the_way_out():
     from pathlib import Path
 
     three = build_pipeline(load_recipe(Path(__file__).with_name("tiny_three_stages.yaml"))).eval()
-    with pytest.raises(ValueError, match="this pipeline has 3 stages with own backbones or hooks: run it with pipe.infer"):
+    with pytest.raises(
+        ValueError, match="this pipeline has 3 stages with own backbones or hooks: run it with pipe.infer"
+    ):
         three.compile()

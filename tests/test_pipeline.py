@@ -47,7 +47,9 @@ def test_class_attention_row_matches_materialised_attention(tiny_pipeline, image
         pos = backbone.position_embedding(backbone.native_grid)
         tokens = backbone.embed_patches(images) + pos[:, 1:]
         with torch.no_grad():
-            out = backbone.encode(tokens, pos[:, :1], StageContext(0, backbone.native_grid, attention_blocks=[block_index]))
+            out = backbone.encode(
+                tokens, pos[:, :1], StageContext(0, backbone.native_grid, attention_blocks=[block_index])
+            )
     finally:
         handle.remove()
     x = block.norm1(seen["x"])
@@ -258,6 +260,8 @@ def test_one_threshold_serves_every_exit_and_a_wrong_count_is_refused():
     torch.manual_seed(0)
     pipe = build_pipeline(load_recipe(THREE_STAGES)).eval()
     images = torch.randn(8, 3, 64, 64)
-    assert torch.equal(pipe.infer(images, threshold=0.3).exit_stage, pipe.infer(images, threshold=[0.3, 0.3]).exit_stage)
+    assert torch.equal(
+        pipe.infer(images, threshold=0.3).exit_stage, pipe.infer(images, threshold=[0.3, 0.3]).exit_stage
+    )
     with pytest.raises(ValueError, match="2 exits; give 2 thresholds, got 1"):
         pipe.infer(images, threshold=[0.3])

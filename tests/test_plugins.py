@@ -114,7 +114,9 @@ def test_fusion_is_ln_mlp_then_nearest_upsample_added():
 
 def test_reusers():
     emb = torch.randn(2, 5, 3)
-    stage1 = StageOutput(logits=torch.zeros(2, 1), tokens=torch.zeros(2, 6, 3), class_attention={}, embeddings=emb, grid=(1, 5))
+    stage1 = StageOutput(
+        logits=torch.zeros(2, 1), tokens=torch.zeros(2, 6, 3), class_attention={}, embeddings=emb, grid=(1, 5)
+    )
     index = torch.tensor([[4, 0], [1, 2]])
     out = Stage1EmbeddingReuser()(stage1, index)
     assert torch.equal(out[0], emb[0, [4, 0]]) and torch.equal(out[1], emb[1, [1, 2]])
