@@ -13,7 +13,7 @@ DeiT-S (0.01 G of 4.6 G).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynvit.pipeline import DynamicPipeline
+from dynvit.stages import StageOutput
 
 
 def _count_cpu_fused_attention() -> None:
@@ -45,18 +46,65 @@ CONVENTION = "GFLOPs, fvcore convention (1 multiply-add = 1 FLOP)"
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """GFLOPs per image (fvcore convention) of each part of a pipeline."""
+    """GFLOPs per image (fvcore convention) of each stage of a pipeline.
 
-    stage1: float  # downsampling + stage-1 backbone incl. class-attention rows; the whole model if one-stage
-    stage2: float  # selection + embedding of the selected patches + fusion + reuse + stage-2 backbone; 0 if one-stage
-    full_resolution: float  # the plain backbone on the whole full-resolution image
-    stage2_length: int  # tokens stage 2 processes, CLS included
+    ``stages[k]`` is what an image that reaches stage ``k + 1`` pays for it
+    (for a refining stage: selection, embedding of the selected patches,
+    fusion, reuse and its backbone); a one-stage model's single entry is the
+    whole model. ``stage1``, ``stage2`` and ``stage2_length`` are the
+    two-stage names.
+    """
 
-    def expected(self, exit_fraction: float) -> float:
-        """Average GFLOPs per image when ``exit_fraction`` of the images stop after stage 1."""
-        if not 0.0 <= exit_fraction <= 1.0:
-            raise ValueError(f"exit fraction must be in [0, 1], got {exit_fraction}")
-        return self.stage1 + (1.0 - exit_fraction) * self.stage2
+    stages: tuple[float, ...]  # GFLOPs of each stage, in order
+    full_resolution: float  # the plain shared backbone on the whole full-resolution image
+    lengths: tuple[int, ...]  # tokens each stage processes, CLS included
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def stage1(self) -> float:
+        """Downsampling + stage-1 backbone incl. class-attention rows; the whole model if one-stage."""
+        return self.stages[0]
+
+    @property
+    def stage2(self) -> float:
+        """The second and last stage of a two-stage pipeline; 0 if one-stage."""
+        if self.num_stages > 2:
+            raise ValueError(
+                f"stage2 names the last stage of a two-stage pipeline; this one has {self.num_stages}: "
+                "read report.stages"
+            )
+        return self.stages[1] if self.num_stages == 2 else 0.0
+
+    @property
+    def stage2_length(self) -> int:
+        """Tokens the last stage processes, CLS included."""
+        return self.lengths[-1]
+
+    def cumulative(self, stage: int) -> float:
+        """GFLOPs of an image that stops after ``stage`` (1-based): every stage up to it."""
+        return sum(self.stages[:stage])
+
+    def expected(self, exit_fractions: float | Sequence[float]) -> float:
+        """Average GFLOPs per image when ``exit_fractions[k]`` of all images stop at exit ``k + 1`` (after stage
+        ``k + 1``); one number per exit (a single number for a two-stage pipeline). The fraction that reaches
+        stage ``k`` pays stage ``k``.
+        """
+        fractions = [exit_fractions] if isinstance(exit_fractions, (int, float)) else list(exit_fractions)
+        exits = max(self.num_stages - 1, 1)
+        if len(fractions) != exits:
+            raise ValueError(f"give one exit fraction per exit ({exits}), got {len(fractions)}")
+        if any(not 0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"exit fraction must be in [0, 1], got {fractions}")
+        if sum(fractions) > 1.0 + 1e-9:
+            raise ValueError(f"exit fractions are shares of all images and must add up to at most 1, got {fractions}")
+        total, reaching = self.stages[0], 1.0
+        for fraction, cost in zip(fractions, self.stages[1:]):
+            reaching -= fraction
+            total += max(reaching, 0.0) * cost
+        return total
 
 
 def _gflops(run: Callable[[], object], batch: int) -> float:
@@ -70,8 +118,9 @@ def count_flops(pipe: DynamicPipeline, batch: int = 1) -> FlopsReport:
     """Count each stage of ``pipe`` in eval mode on ``batch`` random images of the recipe's size.
 
     Runs wherever the pipeline's parameters are (the CPU is the reference:
-    counts do not depend on the device). Stage 2 is counted on every image,
-    as if none had exited, with the pipeline's current selection setting
+    counts do not depend on the device). Each stage is counted with
+    ``pipe.run_stage`` on every image, as if none had exited, from the
+    previous stage's output, with the pipeline's current selection setting
     (``whole_image_stage2`` included).
     """
     if batch < 1:
@@ -82,11 +131,15 @@ def count_flops(pipe: DynamicPipeline, batch: int = 1) -> FlopsReport:
     pipe.eval()
     try:
         full = _gflops(lambda: pipe.run_full_resolution(images), batch)
+        lengths = tuple(pipe.stage_length(i) for i in range(pipe.num_stages))
         if pipe.num_stages == 1:
-            return FlopsReport(stage1=full, stage2=0.0, full_resolution=full, stage2_length=pipe.stage2_length)
-        stage1_out: list = []
-        stage1 = _gflops(lambda: stage1_out.append(pipe.run_stage1(images)), batch)
-        stage2 = _gflops(lambda: pipe.run_stage2(images, stage1_out[0], pipe.select(stage1_out[0])), batch)
-        return FlopsReport(stage1=stage1, stage2=stage2, full_resolution=full, stage2_length=pipe.stage2_length)
+            return FlopsReport(stages=(full,), full_resolution=full, lengths=lengths)
+        # stage by stage, each on every image (as if none had exited), from the previous stage's output
+        outputs: list[StageOutput] = []
+        stages = []
+        for index in range(pipe.num_stages):
+            previous = outputs[-1] if outputs else None
+            stages.append(_gflops(lambda: outputs.append(pipe.run_stage(index, images, previous)), batch))  # noqa: B023
+        return FlopsReport(stages=tuple(stages), full_resolution=full, lengths=lengths)
     finally:
         pipe.train(was_training)

@@ -537,3 +537,171 @@ def test_cli_eval_with_a_baseline_and_an_accuracy_target(disk_data, tmp_path, ca
     assert "fraction in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "quickstart", "--target-acc", "0.8", "--budget-gflops", "1"])
+
+
+# -- three stages: one threshold per exit, DVT's sweep --------------------------------------------------------
+
+COSTS3 = [0.5, 1.0, 2.0]  # GFLOPs of each stage for the synthetic three-stage records
+
+
+def random_records3(n: int = 300, classes: int = 7, seed: int = 0) -> Records:
+    """Three stages of rising quality; scores are each stage's max softmax probability (ties included)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = []
+    for boost in (0.5, 1.5, 3.0):
+        scale = torch.logspace(-1, 1.3, n)[torch.randperm(n, generator=g)].unsqueeze(1)
+        stage = torch.randn(n, classes, generator=g) * scale
+        stage[torch.arange(n), labels] += boost
+        logits.append(stage)
+    scores = [x.softmax(-1).amax(-1) for x in logits[:2]]
+    scores[1][:10] = scores[1][10]  # ties
+    return Records(logits=tuple(logits), labels=labels, scores=tuple(scores))
+
+
+def reference_thresholds(scores: list[list[float]], q: float) -> list[float]:
+    """MSDNet/DVT's greedy rule, one image at a time (the hand-written reference)."""
+    n, stages = len(scores[0]), len(scores) + 1
+    weights = [q**k for k in range(stages)]
+    proportions = [w / sum(weights) for w in weights]
+    exited = [False] * n
+    thresholds = []
+    for k, row in enumerate(scores):
+        wanted = math.floor(n * proportions[k])
+        order = sorted((i for i in range(n) if not exited[i]), key=lambda i, row=row: -row[i])
+        threshold = math.inf if wanted == 0 or not order else row[order[min(wanted, len(order)) - 1]]
+        thresholds.append(threshold)
+        for i in range(n):
+            exited[i] = exited[i] or row[i] >= threshold
+    return thresholds
+
+
+def reference_point(records: Records, thresholds: list[float], costs: list[float]) -> tuple[float, float, list, float]:
+    """(top-1, top-5, exit fractions, GFLOPs) by walking every image through the exits."""
+    scores = [x.tolist() for x in records.scores]
+    n, stages = records.count, records.num_stages
+    top1 = top5 = gflops = 0.0
+    exits = [0] * (stages - 1)
+    for i in range(n):
+        stage = next((k for k in range(stages - 1) if scores[k][i] >= thresholds[k]), stages - 1)
+        if stage < stages - 1:
+            exits[stage] += 1
+        gflops += sum(costs[: stage + 1])
+        row = records.logits[stage][i].tolist()
+        ranking = sorted(range(len(row)), key=lambda c: -row[c])
+        top1 += ranking[0] == int(records.labels[i])
+        top5 += int(records.labels[i]) in ranking[:5]
+    return top1 / n, top5 / n, [e / n for e in exits], gflops / n
+
+
+def test_dvt_sweep_equals_a_per_sample_reference_loop():
+    from dynvit.evaluation.curve import dvt_sweep, q_grid
+
+    records = random_records3()
+    scores = [x.tolist() for x in records.scores]
+    curve = dvt_sweep(records, COSTS3)
+    qs = q_grid()
+    assert qs[0].item() == pytest.approx(0.05) and qs[-1].item() == pytest.approx(1.95) and len(qs) == 39
+    for t, q in enumerate(qs.tolist()):
+        thresholds = reference_thresholds(scores, q)
+        assert curve.thresholds[t].tolist() == thresholds, q
+        top1, top5, exits, gflops = reference_point(records, thresholds, COSTS3)
+        assert curve.top1[t].item() == pytest.approx(top1, abs=1e-12), q
+        assert curve.top5[t].item() == pytest.approx(top5, abs=1e-12), q
+        assert curve.exit_fractions[t].tolist() == pytest.approx(exits, abs=1e-12), q
+        assert curve.gflops[t].item() == pytest.approx(gflops, rel=1e-12), q
+    # more weight on later stages costs more
+    assert curve.gflops[-1] > curve.gflops[0] and curve.exit_fractions[0, 0] > curve.exit_fractions[-1, 0]
+
+
+def test_staged_calibration_picks_thresholds_on_the_calibration_split_and_reports_on_the_rest():
+    from dynvit.evaluation.calibration import calibrate_staged
+    from dynvit.evaluation.curve import q_grid
+
+    records = random_records3(n=301, seed=4)
+    chosen = set()
+    for budget in (0.4, 1.0, 1.5, 2.0, 2.6, 4.0):
+        result = calibrate_staged(records, COSTS3, budget_gflops=budget, fraction=0.4, seed=1)
+        cal, held = result.calibration_index, result.heldout_index
+        assert set(cal.tolist()).isdisjoint(held.tolist()) and len(cal) + len(held) == records.count
+        # by hand: every q's thresholds found on the calibration images alone, the best within budget chosen
+        cal_records = records.subset(cal)
+        scores = [x.tolist() for x in cal_records.scores]
+        candidates = []
+        for q in q_grid().tolist():
+            thresholds = reference_thresholds(scores, q)
+            top1, _, _, gflops = reference_point(cal_records, thresholds, COSTS3)
+            candidates.append((q, thresholds, top1, gflops))
+        within = [c for c in candidates if c[3] <= budget]
+        if within:
+            best = min(within, key=lambda c: (-c[2], c[3]))
+            assert result.feasible
+        else:
+            best = min(candidates, key=lambda c: (c[3], -c[2]))
+            assert not result.feasible
+        assert result.q == pytest.approx(best[0]) and result.thresholds == best[1]
+        assert result.calibration["top1"] == pytest.approx(best[2], abs=1e-12)
+        assert result.calibration["gflops"] == pytest.approx(best[3], rel=1e-12)
+        # the held-out figures: the same thresholds walked over the held-out images
+        top1, top5, exits, gflops = reference_point(records.subset(held), best[1], COSTS3)
+        assert result.heldout["count"] == len(held)
+        assert result.heldout["top1"] == pytest.approx(top1, abs=1e-12)
+        assert result.heldout["exit_fractions"] == pytest.approx(exits, abs=1e-12)
+        assert result.heldout["gflops"] == pytest.approx(gflops, rel=1e-12)
+        chosen.add(result.q)
+    assert len(chosen) > 2  # the budgets really steered the thresholds
+
+    target = calibrate_staged(records, COSTS3, target_acc=0.3, seed=2)
+    assert target.mode == "target" and (not target.feasible or target.calibration["top1"] >= 0.3)
+    recipe = calibrate_staged(records, COSTS3, default_thresholds=[0.6, 0.5])
+    assert recipe.mode == "recipe" and recipe.q is None and recipe.thresholds == [0.6, 0.5]
+
+
+@pytest.fixture(scope="module")
+def pipe3():
+    torch.manual_seed(0)
+    return build_pipeline(load_recipe(Path(__file__).with_name("tiny3.yaml")), with_loss=False).eval()
+
+
+def test_staged_predictions_equal_real_early_exit_inference(pipe3):
+    """What the records claim at per-exit thresholds is what pipe.infer does with them."""
+    from dynvit.evaluation.curve import dvt_sweep, exit_stages
+
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(24, 3, 64, 64, generator=g), torch.randint(0, 10, (24,), generator=g)
+    records = collect_records(pipe3, batches_of(images, labels, 10), progress=False)
+    assert records.num_stages == 3 and len(records.scores) == 2
+    curve = dvt_sweep(records, [1.0, 1.0, 1.0], torch.tensor([0.3, 1.0, 1.9], dtype=torch.float64))
+    for row in curve.thresholds:
+        stage = exit_stages(records.scores, row.unsqueeze(0))[0]
+        result = pipe3.infer(images, threshold=row.tolist())
+        assert torch.equal(result.exit_stage, stage)
+        predicted = torch.stack([x.argmax(-1) for x in records.logits]).gather(0, (stage - 1).unsqueeze(0))[0]
+        assert torch.equal(result.logits.argmax(-1), predicted)
+    assert len(set(torch.cat([exit_stages(records.scores, curve.thresholds).flatten()]).tolist())) == 3
+
+
+def test_evaluate_a_three_stage_recipe_end_to_end(disk_data, tmp_path):
+    from dynvit.evaluation import evaluate
+
+    recipe = load_recipe(Path(__file__).with_name("tiny3.yaml"), data_overrides(disk_data))
+    metrics = evaluate(recipe, None, tmp_path, device="cpu", budget_gflops=0.003, progress=False)
+    validate_metrics(metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["model"]["stages"] == 3 and metrics["model"]["recipe_thresholds"] == [0.5, 0.5]
+    assert metrics["model"]["grids"] == [[2, 2], [4, 4], [8, 8]] and metrics["model"]["tokens"] == [5, 17, 65]
+    costs = metrics["flops"]["stages"]
+    assert len(costs) == 3 and metrics["flops"]["stage2"] is None
+    assert [s["gflops"] for s in metrics["stages"]] == pytest.approx([costs[0], sum(costs[:2]), sum(costs)])
+    assert [s["stage"] for s in metrics["stages"]] == [1, 2, 3]
+    assert metrics["curve"]["rule"] == "dvt" and len(metrics["curve"]["q"]) == 39
+    assert all(len(t) == 2 for t in metrics["curve"]["thresholds"])
+    calibration = metrics["calibration"]
+    assert calibration["mode"] == "budget" and len(calibration["thresholds"]) == 2
+    assert calibration["calibration"]["count"] + calibration["heldout"]["count"] == 23
+    assert metrics["dynamic"]["thresholds"] == [0.5, 0.5] and len(metrics["dynamic"]["exit_fractions"]) == 2
+    assert metrics["throughput"]["thresholds"] == calibration["thresholds"]
+    assert_real_png(tmp_path / "curve.png", (700, 500))
+    assert metrics["files"]["regions"] is None and not (tmp_path / "regions.png").exists()  # no refining stage
+    table = format_table(metrics)
+    assert "stage 3" in table and "held-out" in table and "thresholds" in table

@@ -187,3 +187,71 @@ def test_cpu_fused_attention_is_counted_where_torch_has_no_formula_for_it(monkey
     with torch.device("meta"):
         meta = count_flops(tiny())
     assert count_flops(tiny()) == meta and without.full_resolution < meta.full_resolution
+
+
+# -- three stages -----------------------------------------------------------------------------------------------
+
+
+def tiny3():
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    return build_pipeline(load_recipe(Path(__file__).with_name("tiny3.yaml")), with_loss=False).eval()
+
+
+def test_three_stage_costs_per_stage_add_up_and_the_expected_cost_follows_the_exits():
+    pipe = tiny3()
+    report = count_flops(pipe)
+    # each stage: its own backbone (width 32, depth 2, 10 classes) on the whole 64px image at its patch size
+    d, depth, classes = 32, 2, 10
+
+    def vit(patch: int) -> float:
+        tokens = 1 + (64 // patch) ** 2
+        block = tokens * d * 3 * d + 2 * tokens * tokens * d + tokens * d * d + 2 * tokens * d * 4 * d
+        return giga((tokens - 1) * 3 * patch * patch * d + depth * block + d * classes)
+
+    assert report.stages == pytest.approx((vit(32), vit(16), vit(8)), rel=1e-12)
+    assert report.lengths == (5, 17, 65) and report.stage2_length == 65
+    assert report.full_resolution == pytest.approx(vit(32), rel=1e-12)  # the shared backbone is stage 1's
+    assert report.cumulative(3) == pytest.approx(sum(report.stages))
+    with pytest.raises(ValueError, match="report.stages"):
+        _ = report.stage2
+    # by hand: all pay stage 1, 1 - 0.5 pay stage 2, 1 - 0.5 - 0.3 pay stage 3
+    s1, s2, s3 = report.stages
+    assert report.expected([0.5, 0.3]) == pytest.approx(s1 + 0.5 * s2 + 0.2 * s3, rel=1e-12)
+    assert report.expected([0.0, 0.0]) == pytest.approx(s1 + s2 + s3, rel=1e-12)
+    assert report.expected([1.0, 0.0]) == pytest.approx(s1, rel=1e-12)
+    with pytest.raises(ValueError, match="one exit fraction per exit"):
+        report.expected(0.5)
+    with pytest.raises(ValueError, match="add up"):
+        report.expected([0.7, 0.6])
+
+    # counted pipe.infer on 8 images matches the expected cost at the exit fractions it produced
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = pipe.run_stage(0, images)
+        scores1 = first.logits.softmax(-1).amax(-1).sort().values
+        scores2 = pipe.run_stage(1, images, first).logits.softmax(-1).amax(-1)
+    threshold1 = float(scores1[4] + scores1[5]) / 2  # 3 of 8 stop after stage 1
+    with FlopCounterMode(display=False) as counter:
+        result = pipe.infer(images, threshold=[threshold1, float(scores2.median())])
+    fractions = [float((result.exit_stage == k).float().mean()) for k in (1, 2)]
+    assert fractions[0] == 3 / 8
+    measured = counter.get_total_flops() / 2 / 8 / 1e9
+    assert measured == pytest.approx(report.expected(fractions), rel=1e-9)
+
+
+def test_flops_command_prints_every_stage_of_a_three_stage_pipeline(capsys):
+    from pathlib import Path
+
+    recipe = str(Path(__file__).with_name("tiny3.yaml"))
+    assert main(["flops", recipe, "--exit-fractions", "0.5,0.3", "0.2,0.2"]) == 0
+    printed = capsys.readouterr().out
+    report = count_flops(tiny3())
+    lines = {line.strip().split("  ")[0]: line.split()[-1] for line in printed.splitlines()[1:]}
+    assert lines["stage 1 (64px, 2x2 grid)"] == f"{report.stages[0]:.3f}"
+    assert lines["stage 3 (64px, 8x8 grid, own backbone)"] == f"{report.stages[2]:.3f}"
+    assert [lines[f"stage-{k} tokens (incl. CLS)"] for k in (1, 2, 3)] == ["5", "17", "65"]
+    assert lines["expected at exits 50%, 30%"] == f"{report.expected([0.5, 0.3]):.3f}"
+    assert main(["flops", recipe, "--exit-fractions", "0.5"]) == 2
+    assert "2 exits" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Calibrated exits: pick eta on one part of the data, report it on a disjoint part.
+"""Calibrated exits: pick eta (or one threshold per exit) on one part of the data, report it on a disjoint part.
 
 Choosing the threshold on the images it is then scored on flatters the
 figure; here a seeded random split decides which images calibrate and
@@ -7,12 +7,14 @@ which are held out for the honest report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dynvit.evaluation.curve import Curve, eta_grid, exit_decisions, sweep
+from dynvit.evaluation.curve import Curve, StagedCurve, dvt_sweep, eta_grid, exit_decisions, staged_points, sweep
 from dynvit.evaluation.records import Records
 from dynvit.stages import ExitPolicy
 
@@ -28,8 +30,10 @@ def split_indices(count: int, fraction: float = 0.5, seed: int = 0) -> tuple[Ten
     return order[:n_cal].sort().values, order[n_cal:].sort().values
 
 
-def choose_eta(curve: Curve, budget_gflops: float | None = None, target_acc: float | None = None) -> tuple[int, bool]:
-    """Grid position of the chosen threshold and whether it meets the constraint.
+def choose_eta(
+    curve: Curve | StagedCurve, budget_gflops: float | None = None, target_acc: float | None = None
+) -> tuple[int, bool]:
+    """Grid position of the chosen threshold (or row of per-exit thresholds) and whether it meets the constraint.
 
     Budget: the most accurate threshold whose expected GFLOPs stay within the
     budget (ties: the cheaper). Target: the cheapest threshold whose top-1
@@ -115,4 +119,77 @@ def calibrate(
         heldout_index=held_index,
         calibration=on_cal.point(chosen),
         heldout=on_held.point(chosen),
+    )
+
+
+@dataclass
+class StagedCalibration:
+    """Per-exit thresholds chosen on the calibration images (DVT's rule) and their figures on both parts."""
+
+    mode: str  # "budget", "target" or "recipe" (the recipe's own thresholds, nothing chosen)
+    q: float | None  # the sweep parameter of the chosen thresholds; None in mode "recipe"
+    thresholds: list[float]  # one per exit; inf: no image stops there
+    feasible: bool
+    budget_gflops: float | None
+    target_acc: float | None
+    fraction: float
+    seed: int
+    calibration_index: Tensor
+    heldout_index: Tensor
+    calibration: dict[str, Any]  # StagedCurve.point on the calibration images
+    heldout: dict[str, Any]  # StagedCurve.point on the held-out images
+
+
+def calibrate_staged(
+    records: Records,
+    stage_gflops: Sequence[float],
+    budget_gflops: float | None = None,
+    target_acc: float | None = None,
+    default_thresholds: Sequence[float] | None = None,
+    fraction: float = 0.5,
+    seed: int = 0,
+    qs: Tensor | None = None,
+) -> StagedCalibration:
+    """Choose one threshold per exit on a ``fraction`` of the images and report them on the others.
+
+    For each q of the sweep the thresholds are found greedily on the
+    calibration images alone (:func:`~dynvit.evaluation.curve.dvt_sweep`);
+    the q whose figures on those images meet the goal best is chosen as
+    :func:`choose_eta` chooses, and its thresholds are applied unchanged to
+    the held-out images. With neither goal, ``default_thresholds`` (the
+    recipe's) are reported on both parts.
+    """
+    if budget_gflops is not None and target_acc is not None:
+        raise ValueError("give a FLOPs budget or an accuracy target, not both")
+    if target_acc is not None and not 0 <= target_acc <= 1:
+        raise ValueError(f"the accuracy target is a fraction in [0, 1] (0.8 for 80%), got {target_acc}")
+    cal_index, held_index = split_indices(records.count, fraction, seed)
+    on_cal_records, held_records = records.subset(cal_index), records.subset(held_index)
+    if budget_gflops is None and target_acc is None:
+        if default_thresholds is None:
+            raise ValueError("give budget_gflops, target_acc or default_thresholds")
+        mode = "recipe"
+        rows = torch.tensor([list(default_thresholds)], dtype=torch.float64)
+        on_cal = staged_points(on_cal_records, stage_gflops, rows)
+        chosen, feasible = 0, True
+    else:
+        mode = "budget" if budget_gflops is not None else "target"
+        on_cal = dvt_sweep(on_cal_records, stage_gflops, qs)
+        chosen, feasible = choose_eta(on_cal, budget_gflops, target_acc)
+    thresholds = on_cal.thresholds[chosen : chosen + 1]
+    on_held = staged_points(held_records, stage_gflops, thresholds)
+    point = on_cal.point(chosen)
+    return StagedCalibration(
+        mode=mode,
+        q=point["q"],
+        thresholds=thresholds[0].tolist(),
+        feasible=feasible,
+        budget_gflops=budget_gflops,
+        target_acc=target_acc,
+        fraction=fraction,
+        seed=seed,
+        calibration_index=cal_index,
+        heldout_index=held_index,
+        calibration=point,
+        heldout=on_held.point(0),
     )

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from dynvit.evaluation.curve import Curve  # noqa: E402
+from dynvit.evaluation.curve import Curve, StagedCurve  # noqa: E402
 
 CURVE_SIZE = (7.0, 5.0)  # inches; 700 x 500 pixels at DPI
 DPI = 100
@@ -128,24 +128,23 @@ def plot_regions(
     eta: float,
     path: str | Path,
     per_group: int = 8,
+    groups: tuple[str, str] | None = None,
 ) -> Path:
     """``regions.png``: images that exited at stage 1 (top row) and images that needed stage 2 (bottom row).
 
     ``images``: (P, H, W, 3) in [0, 1]; ``region`` (P, 4) and ``kept`` (P, K) on
     the stage-1 grid, as stage 1 chose them (also for images that exited);
     ``predictions`` are the dynamic model's at ``eta``; ``confidence`` is
-    stage 1's max softmax probability.
+    stage 1's max softmax probability. ``groups``: the two rows' captions when
+    the refining stage is not stage 2 (the default names stage 1's exit).
     """
     per_group = max(1, per_group)
     height, width = images.shape[1:3]
     cell_h, cell_w = height / grid1[0], width / grid1[1]
     fig = plt.figure(figsize=(PANEL_INCHES * per_group, 2 * (PANEL_INCHES + 0.4)), dpi=DPI)
     try:
-        groups = (
-            (exits, f"exited at stage 1 (stage-1 confidence >= eta = {eta:g})"),
-            (~exits, "needed stage 2"),
-        )
-        for subfig, (mask, caption) in zip(fig.subfigures(2, 1), groups):
+        captions = groups or (f"exited at stage 1 (stage-1 confidence >= eta = {eta:g})", "needed stage 2")
+        for subfig, mask, caption in zip(fig.subfigures(2, 1), (exits, ~exits), captions):
             chosen = torch.nonzero(mask).flatten()[:per_group].tolist()
             subfig.suptitle(f"{caption}: {int(mask.sum())} of the first {len(mask)} images", fontsize=9)
             axes = subfig.subplots(1, per_group, squeeze=False)[0]
@@ -197,6 +196,49 @@ def plot_regions(
             va="bottom",
             fontsize=7,
         )
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_staged_curve(
+    curve: StagedCurve,
+    path: str | Path,
+    title: str,
+    stage_points: Sequence[MarkedPoint] = (),
+    chosen: MarkedPoint | None = None,
+    baseline: MarkedPoint | None = None,
+) -> Path:
+    """``curve.png`` of a pipeline with several exits: top-1 (%) against expected GFLOPs over DVT's q sweep.
+
+    ``stage_points``: each stage's own accuracy (every image through it) at its cost.
+    """
+    fig, ax = plt.subplots(figsize=CURVE_SIZE, dpi=DPI)
+    try:
+        gflops, top1 = curve.gflops.numpy(), curve.top1.numpy() * 100
+        first, last = float(curve.q[0]), float(curve.q[-1])
+        label = f"this model, exits ~ q^k, q = {first:g} ... {last:g}"
+        ax.plot(gflops, top1, "-o", color="tab:blue", lw=1.5, ms=2.5, label=label)
+        for i in (0, len(gflops) - 1):
+            ax.annotate(
+                f"q={float(curve.q[i]):g}",
+                (gflops[i], top1[i]),
+                fontsize=7,
+                xytext=(4, -10),
+                textcoords="offset points",
+            )
+        for point in stage_points:
+            ax.plot(point.gflops, point.top1 * 100, "v", ms=7, label=point.label)
+        if chosen is not None:
+            ax.plot(chosen.gflops, chosen.top1 * 100, "*", color="tab:red", ms=13, label=chosen.label)
+        if baseline is not None:
+            ax.plot(baseline.gflops, baseline.top1 * 100, "s", color="black", ms=7, label=baseline.label)
+        ax.set_xlabel("expected GFLOPs per image (fvcore: 1 multiply-add = 1 FLOP)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
         fig.savefig(path, dpi=DPI)
     finally:
         plt.close(fig)

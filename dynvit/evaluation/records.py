@@ -1,9 +1,9 @@
 """One pass over the evaluation data that keeps every image's per-stage outputs.
 
 Thresholds are then swept on these records without running the model again.
-The training-mode forward is used (every image through both stages), so an
-image that would exit at stage 1 still has stage 2's prediction and the
-region stage 1 would have chosen for it.
+The training-mode forward is used (every image through every stage), so an
+image that would exit at stage 1 still has every later stage's prediction,
+and the region the refining stage would have looked at.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class Records:
 
     logits: tuple[Tensor, ...]  # one (N, C) float32 tensor per stage
     labels: Tensor  # (N,) int64
-    region: Tensor | None = None  # (N, 4) (row, col, h, w) on the stage-1 grid; None for one-stage models
-    kept: Tensor | None = None  # (N, K) stage-1 cells computed at full resolution in stage 2
+    region: Tensor | None = None  # (N, 4) (row, col, h, w) on the grid before the refining stage; None without one
+    kept: Tensor | None = None  # (N, K) cells of that grid computed at the refining stage's resolution
     images: Tensor | None = None  # (P, 3, S, S) the first P images as loaded (normalised), for pictures
+    scores: tuple[Tensor, ...] | None = None  # per exit, (N,) the exit policy's score (exit when >= threshold)
 
     @property
     def count(self) -> int:
@@ -59,7 +60,14 @@ class Records:
             labels=self.labels[index],
             region=None if self.region is None else self.region[index],
             kept=None if self.kept is None else self.kept[index],
+            scores=None if self.scores is None else tuple(x[index] for x in self.scores),
         )
+
+    def exit_scores(self) -> tuple[Tensor, ...]:
+        """Every exit's scores, one (N,) tensor per exit."""
+        if self.scores is None or len(self.scores) != self.num_stages - 1:
+            raise ValueError("these records have no exit scores; record them with collect_records")
+        return self.scores
 
 
 def topk_correct(logits: Tensor, labels: Tensor, k: int = 1) -> Tensor:
@@ -89,6 +97,7 @@ def collect_records(
     was_training = pipe.training
     pipe.eval()
     logits: list[list[Tensor]] = [[] for _ in range(pipe.num_stages)]
+    scores: list[list[Tensor]] = [[] for _ in range(pipe.num_stages - 1)]
     labels, regions, kept, images = [], [], [], []
     kept_so_far = 0
     if total is None and hasattr(batches, "__len__"):
@@ -98,6 +107,8 @@ def collect_records(
             output = pipe(batch_images.to(device, non_blocking=True))
             for stage, stage_logits in enumerate(output.logits):
                 logits[stage].append(stage_logits.float().cpu())
+                if stage < pipe.num_stages - 1:  # scored where the model runs, as pipe.infer scores
+                    scores[stage].append(pipe.stages[stage].exit_policy.score(stage_logits).cpu())
             labels.append(batch_labels.cpu().long())
             if output.selection is not None:
                 regions.append(output.selection.region.cpu())
@@ -116,4 +127,5 @@ def collect_records(
         region=torch.cat(regions) if regions else None,
         kept=torch.cat(kept) if kept else None,
         images=torch.cat(images) if images else None,
+        scores=tuple(torch.cat(x) for x in scores) if scores else None,
     )

@@ -10,13 +10,14 @@ the ``units`` object of every file says so again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from dynvit.evaluation.calibration import Calibration
-from dynvit.evaluation.curve import Curve
+from dynvit.evaluation.calibration import Calibration, StagedCalibration
+from dynvit.evaluation.curve import Curve, StagedCurve
 from dynvit.evaluation.throughput import Throughput
 
 SCHEMA_VERSION = 1
@@ -34,12 +35,32 @@ UNITS: dict[str, str] = {
     "speedup": "dynamic images_per_second divided by the plain backbone's (same weights, same run)",
     "budget_gflops": f"GFLOPs per image ({FLOPS_CONVENTION})",
     "target_acc": "top-1 as a fraction in [0, 1]",
+    "thresholds": "one exit threshold per exit (three or more stages); null: no image stops at that exit",
+    "exit_fractions": "per exit, the fraction of all images that stop there, in [0, 1]",
+    "q": "DVT's sweep parameter: the share of images meant to stop at stage k is proportional to q**k",
 }
 
 
-def calibration_metrics(calibration: Calibration | None) -> dict[str, Any] | None:
+def _thresholds(values: list[float]) -> list[float | None]:
+    return [None if math.isinf(t) else t for t in values]
+
+
+def calibration_metrics(calibration: Calibration | StagedCalibration | None) -> dict[str, Any] | None:
     if calibration is None:
         return None
+    if isinstance(calibration, StagedCalibration):
+        return {
+            "mode": calibration.mode,
+            "q": calibration.q,
+            "thresholds": _thresholds(calibration.thresholds),
+            "feasible": calibration.feasible,
+            "budget_gflops": calibration.budget_gflops,
+            "target_acc": calibration.target_acc,
+            "fraction": calibration.fraction,
+            "seed": calibration.seed,
+            "calibration": calibration.calibration,
+            "heldout": calibration.heldout,
+        }
     return {
         "mode": calibration.mode,
         "eta": round(calibration.eta, 6),
@@ -53,9 +74,20 @@ def calibration_metrics(calibration: Calibration | None) -> dict[str, Any] | Non
     }
 
 
-def curve_metrics(curve: Curve | None) -> dict[str, Any] | None:
+def curve_metrics(curve: Curve | StagedCurve | None) -> dict[str, Any] | None:
     if curve is None:
         return None
+    if isinstance(curve, StagedCurve):
+        return {
+            "rule": "dvt",
+            "q": [round(x, 6) for x in curve.q.tolist()],
+            "thresholds": [_thresholds(row) for row in curve.thresholds.tolist()],
+            "top1": curve.top1.tolist(),
+            "top5": None if curve.top5 is None else curve.top5.tolist(),
+            "exit_fractions": curve.exit_fractions.tolist(),
+            "gflops": curve.gflops.tolist(),
+            "count": curve.count,
+        }
     return {
         "eta": [round(x, 6) for x in curve.eta.tolist()],
         "top1": curve.top1.tolist(),
@@ -69,14 +101,15 @@ def curve_metrics(curve: Curve | None) -> dict[str, Any] | None:
 def throughput_metrics(throughput: Throughput | None) -> dict[str, Any] | None:
     if throughput is None:
         return None
-    return {
+    staged = not isinstance(throughput.eta, float)
+    result = {
         "device": throughput.device,
         "batch_size": throughput.batch_size,
         "repeats": throughput.repeats,
         "warmup": throughput.warmup,
         "precision": throughput.precision,
         "compiled": throughput.compiled,
-        "eta": round(throughput.eta, 6),
+        "eta": None if staged else round(throughput.eta, 6),
         "exit_fraction": throughput.exit_fraction,
         "dynamic": {
             "images_per_second": throughput.dynamic_images_per_second,
@@ -88,6 +121,9 @@ def throughput_metrics(throughput: Throughput | None) -> dict[str, Any] | None:
         },
         "speedup": throughput.speedup,
     }
+    if staged:  # three or more stages: one threshold per exit
+        result.update(thresholds=_thresholds(throughput.eta), exit_fractions=throughput.exit_fractions)
+    return result
 
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
@@ -117,6 +153,10 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _threshold_text(thresholds: list[float | None]) -> str:
+    return "thresholds " + "/".join("none" if t is None else f"{t:.3g}" for t in thresholds)
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """The terminal summary of ``metrics``."""
     model, data = metrics["model"], metrics["data"]
@@ -127,24 +167,27 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"data: split {data['split']!r}, {data['count']} images, batch {data['batch_size']}, device {metrics['device']}"
     )
     lines.append(f"GFLOPs per image, {FLOPS_CONVENTION}; accuracies in % of images")
-    rows: list[tuple[str, ...]] = [("", "top-1", "top-5", "exit@1", "GFLOPs", "images")]
+    staged = model["stages"] > 2
+    rows: list[tuple[str, ...]] = [("", "top-1", "top-5", "exits" if staged else "exit@1", "GFLOPs", "images")]
     for stage in metrics["stages"]:
         rows.append(
             (stage["name"], _pct(stage["top1"]), _pct(stage["top5"]), "-", _num(stage["gflops"]), str(data["count"]))
         )
 
     def point_row(name: str, point: dict[str, Any]) -> tuple[str, ...]:
+        exits = point.get("exit_fractions")
         return (
             name,
             _pct(point["top1"]),
             _pct(point["top5"]),
-            _pct(point["exit_fraction"]),
+            "/".join(_pct(f) for f in exits) if exits is not None else _pct(point["exit_fraction"]),
             _num(point["gflops"]),
             str(point["count"]),
         )
 
     if metrics["dynamic"] is not None:
-        rows.append(point_row(f"dynamic, recipe eta={metrics['dynamic']['eta']:g}", metrics["dynamic"]))
+        what = _threshold_text(metrics["dynamic"]["thresholds"]) if staged else f"eta={metrics['dynamic']['eta']:g}"
+        rows.append(point_row(f"dynamic, recipe {what}", metrics["dynamic"]))
     calibration = metrics["calibration"]
     if calibration is not None and calibration["mode"] != "recipe":
         goal = (
@@ -153,9 +196,9 @@ def format_table(metrics: dict[str, Any]) -> str:
             else f"target {100 * calibration['target_acc']:.2f}%"
         )
         missed = "" if calibration["feasible"] else " NOT MET"
-        eta = calibration["eta"]
-        rows.append(point_row(f"calibrated eta={eta:g} ({goal}{missed}), calibration", calibration["calibration"]))
-        rows.append(point_row(f"calibrated eta={eta:g}, held-out", calibration["heldout"]))
+        eta = _threshold_text(calibration["thresholds"]) if staged else f"eta={calibration['eta']:g}"
+        rows.append(point_row(f"calibrated {eta} ({goal}{missed}), calibration", calibration["calibration"]))
+        rows.append(point_row(f"calibrated {eta}, held-out", calibration["heldout"]))
     baseline = metrics["baseline"]
     if baseline is not None:
         rows.append(
@@ -177,8 +220,14 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"throughput ({throughput['device']}, batch {throughput['batch_size']}, {throughput['precision']}, "
             + ("compiled, " if throughput.get("compiled") else "")
             + f"median of {throughput['repeats']} after {throughput['warmup']} warm-up): "
-            f"dynamic eta={throughput['eta']:g} {throughput['dynamic']['images_per_second']:.1f} img/s "
-            f"(exit@1 {_pct(throughput['exit_fraction'])}), plain backbone same weights "
+            + (
+                f"dynamic {_threshold_text(throughput['thresholds'])} "
+                if staged
+                else f"dynamic eta={throughput['eta']:g} "
+            )
+            + f"{throughput['dynamic']['images_per_second']:.1f} img/s "
+            f"({'before the last stage' if staged else 'exit@1'} {_pct(throughput['exit_fraction'])}), "
+            "plain backbone same weights "
             f"{throughput['full_resolution']['images_per_second']:.1f} img/s, ratio {throughput['speedup']:.2f}x"
         )
     for warning in metrics["warnings"]:

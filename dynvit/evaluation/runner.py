@@ -12,10 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from dynvit.evaluation.calibration import calibrate
+from dynvit.evaluation.calibration import calibrate, calibrate_staged
 from dynvit.evaluation.config import EvalConfig
-from dynvit.evaluation.curve import eta_grid, exit_decisions, sweep
-from dynvit.evaluation.plots import MarkedPoint, denormalise, plot_curve, plot_regions
+from dynvit.evaluation.curve import dvt_sweep, eta_grid, exit_decisions, exit_stages, q_grid, staged_points, sweep
+from dynvit.evaluation.plots import MarkedPoint, denormalise, plot_curve, plot_regions, plot_staged_curve
 from dynvit.evaluation.records import Records, collect_records
 from dynvit.evaluation.report import (
     FLOPS_CONVENTION,
@@ -34,11 +34,32 @@ RANDOM_WEIGHTS_WARNING = "no checkpoint given: these figures are for a RANDOMLY 
 
 
 class StageFlops(Protocol):
-    """Per-image GFLOPs of a pipeline (``dynvit.flops.FlopsReport``)."""
+    """Per-image GFLOPs of a pipeline (``dynvit.flops.FlopsReport``: ``stages``, one per stage; an object with
+    only the two-stage ``stage1`` and ``stage2`` serves a two-stage pipeline)."""
 
-    stage1: float
-    stage2: float
     full_resolution: float
+
+
+def stage_costs(flops: StageFlops, num_stages: int) -> list[float]:
+    """GFLOPs of each stage for an image that reaches it."""
+    stages = getattr(flops, "stages", None)
+    if stages is None:
+        stages = [flops.full_resolution] if num_stages == 1 else [flops.stage1, flops.stage2]
+    if len(stages) != num_stages:
+        raise ValueError(f"the FLOPs count has {len(stages)} stages, the pipeline {num_stages}")
+    return [float(x) for x in stages]
+
+
+def recipe_thresholds(pipe: DynamicPipeline) -> list[float]:
+    """Each exit policy's own threshold, in stage order."""
+    values = []
+    for index in range(pipe.num_stages - 1):
+        policy = pipe.stages[index].exit_policy
+        threshold = getattr(policy, "threshold", None)
+        if threshold is None:
+            raise ValueError(f"the exit policy of stage {index + 1} ({type(policy).__name__}) has no 'threshold'")
+        values.append(float(threshold))
+    return values
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -58,9 +79,14 @@ def _stage_metrics(pipe: DynamicPipeline, records: Records, flops: StageFlops) -
         grid = pipe.grid2
         costs, names = [flops.full_resolution], [f"full resolution ({grid[0]}x{grid[1]} patches)"]
     else:
-        g1 = pipe.grid1
-        costs = [flops.stage1, flops.stage1 + flops.stage2]
-        names = [f"stage 1 ({g1[0]}x{g1[1]} patches)", f"stage 2 ({pipe.stage2_length} tokens)"]
+        per_stage = stage_costs(flops, pipe.num_stages)
+        costs = [sum(per_stage[: k + 1]) for k in range(pipe.num_stages)]
+        names = [
+            f"stage {k + 1} ({pipe.stage_length(k)} tokens)"
+            if pipe.stages[k].refines
+            else f"stage {k + 1} ({pipe.grids[k][0]}x{pipe.grids[k][1]} patches)"
+            for k in range(pipe.num_stages)
+        ]
     return [
         {
             "stage": stage,
@@ -95,6 +121,11 @@ def baseline_metrics(
         result["top1"] = float(records.correct(1, 1).double().mean())
         result["top5"] = float(records.correct(1, 5).double().mean()) if records.num_classes >= 5 else None
         result["gflops"] = flops.full_resolution
+    elif records.num_stages > 2:
+        rows = torch.tensor([recipe_thresholds(pipe)], dtype=torch.float64)
+        point = staged_points(records, stage_costs(flops, records.num_stages), rows).point(0)
+        result.update({k: point[k] for k in ("top1", "top5", "gflops")})
+        result["exit_fraction"] = sum(point["exit_fractions"])  # stopped before the last stage
     else:
         eta = _threshold(pipe)
         grid = torch.tensor([eta], dtype=torch.float64)
@@ -108,6 +139,8 @@ def _paper_region(recipe: DictConfig | None) -> int | None:
     if recipe is None:
         return None
     model = recipe.model
+    if model.stages != 2:
+        return None
     backbone, selector = model.backbone, model.selector
     plain_deit_s = backbone.get("arch") == "deit_small_patch16_224" and all(
         backbone.get(key) is None for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -153,6 +186,78 @@ def draw_regions(
     )
 
 
+def draw_staged_regions(
+    records: Records,
+    pipe: DynamicPipeline,
+    thresholds: Sequence[float],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: Path,
+    per_group: int,
+) -> Path:
+    """``regions.png`` of a pipeline with several exits: the last refining stage's regions, the images split by
+    whether they stop before it at ``thresholds``."""
+    shown = records.images.shape[0]
+    refining = max(k for k in range(pipe.num_stages) if pipe.stages[k].refines)  # 0-based; its grid is k - 1's
+    scores = tuple(x[:shown] for x in records.exit_scores())
+    stage = exit_stages(scores, torch.tensor([list(thresholds)], dtype=torch.float64))[0]  # (P,) 1-based
+    predictions = torch.stack([x[:shown].argmax(-1) for x in records.logits]).gather(0, (stage - 1).unsqueeze(0))[0]
+    return plot_regions(
+        denormalise(records.images.float(), mean, std),
+        records.region[:shown],
+        records.kept[:shown],
+        pipe.grids[refining - 1],
+        stage <= refining,
+        records.labels[:shown],
+        predictions,
+        records.logits[refining - 1][:shown].softmax(-1).amax(-1),
+        class_names,
+        float("nan"),
+        path,
+        per_group,
+        groups=(f"stopped before stage {refining + 1}", f"reached stage {refining + 1}"),
+    )
+
+
+def _evaluate_staged(
+    pipe: DynamicPipeline,
+    records: Records,
+    flops: StageFlops,
+    settings: EvalConfig | DictConfig,
+    budget_gflops: float | None,
+    target_acc: float | None,
+    warnings_: list[str],
+) -> tuple[Any, dict[str, Any], Any, list[float], dict[str, Any]]:
+    """Curve, recipe point, calibration, chosen thresholds and their point on all images, for three or more
+    stages: one threshold per exit, swept by DVT's rule."""
+    costs = stage_costs(flops, pipe.num_stages)
+    own = recipe_thresholds(pipe)
+    curve = dvt_sweep(records, costs, q_grid())
+    dynamic = staged_points(records, costs, torch.tensor([own], dtype=torch.float64)).point(0)
+    calibration = None
+    if records.count >= 2:
+        calibration = calibrate_staged(
+            records,
+            costs,
+            budget_gflops=budget_gflops,
+            target_acc=target_acc,
+            default_thresholds=own,
+            fraction=settings.calibration_fraction,
+            seed=settings.calibration_seed,
+        )
+        if not calibration.feasible:
+            goal = f"{budget_gflops} GFLOPs" if budget_gflops is not None else f"top-1 {target_acc}"
+            warnings_.append(
+                f"no q of the sweep meets {goal} on the calibration images; q={calibration.q:g} is the closest"
+            )
+    else:
+        warnings_.append("fewer than 2 images: no calibration split")
+    thresholds = calibration.thresholds if calibration is not None else own
+    chosen = staged_points(records, costs, torch.tensor([thresholds], dtype=torch.float64)).point(0)
+    return curve, dynamic, calibration, thresholds, chosen
+
+
 def evaluate_pipeline(
     pipe: DynamicPipeline,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -186,6 +291,7 @@ def evaluate_pipeline(
     out_dir.mkdir(parents=True, exist_ok=True)
     warnings_: list[str] = list(info.pop("warnings", []))
     two_stage = pipe.num_stages == 2
+    staged = pipe.num_stages > 2  # one threshold per exit
     budget_gflops = settings.budget_gflops if budget_gflops is None else budget_gflops
     target_acc = settings.target_acc if target_acc is None else target_acc
     _check_goal(budget_gflops, target_acc)
@@ -202,6 +308,7 @@ def evaluate_pipeline(
         raise ValueError(f"{len(names)} class names for a model with {records.num_classes} classes")
 
     curve = calibration = throughput = dynamic = None
+    stage_metrics = _stage_metrics(pipe, records, flops)
     files: dict[str, str | None] = {"metrics": "metrics.json", "curve": None, "regions": None, "recipe": None}
     if two_stage:
         policy, recipe_eta = pipe.exit_policy, _threshold(pipe)
@@ -252,6 +359,35 @@ def evaluate_pipeline(
         if settings.region_images > 0:
             draw_regions(records, pipe, eta, names, mean, std, out_dir / "regions.png", settings.region_images)
             files["regions"] = "regions.png"
+    elif staged:
+        curve, dynamic, calibration, thresholds, chosen_point = _evaluate_staged(
+            pipe, records, flops, settings, budget_gflops, target_acc, warnings_
+        )
+        how = calibration.mode if calibration is not None else "recipe"
+        shown = "/".join("none" if t is None else f"{t:.3g}" for t in chosen_point["thresholds"])
+        label = f"thresholds {shown} ({how}), all {records.count} images"
+        if settings.throughput:
+            batch = _tile(records.images, settings.throughput_batch).to(device)
+            throughput = measure_throughput(
+                pipe, batch, thresholds, settings.throughput_repeats, settings.throughput_warmup, settings.amp
+            )
+        title = f"{info.get('recipe', 'model')} on {info.get('split', 'data')} ({records.count} images)"
+        if info.get("random_weights"):
+            title += " - RANDOM WEIGHTS"
+        marked_baseline = None
+        if baseline is not None:
+            marked_baseline = MarkedPoint(
+                f"baseline {baseline.get('recipe', '')}", baseline["top1"], baseline["gflops"]
+            )
+        stage_points = [MarkedPoint(f"stage {s['stage']} alone", s["top1"], s["gflops"]) for s in stage_metrics]
+        chosen = MarkedPoint(label, chosen_point["top1"], chosen_point["gflops"])
+        plot_staged_curve(curve, out_dir / "curve.png", title, stage_points, chosen, marked_baseline)
+        files["curve"] = "curve.png"
+        if settings.region_images > 0 and records.region is not None:  # only where a stage refines
+            draw_staged_regions(
+                records, pipe, thresholds, names, mean, std, out_dir / "regions.png", settings.region_images
+            )
+            files["regions"] = "regions.png"
     if recipe is not None:
         (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         files["recipe"] = "recipe.yaml"
@@ -271,9 +407,13 @@ def evaluate_pipeline(
             "num_classes": records.num_classes,
             "exit_policy": type(pipe.exit_policy).__name__ if two_stage else None,
             "recipe_eta": _threshold(pipe) if two_stage else None,
-            "stage1_grid": list(pipe.grid1) if two_stage else None,
+            "stage1_grid": list(pipe.grid1) if pipe.num_stages > 1 else None,
             "stage2_grid": list(pipe.grid2),
             "stage2_tokens": pipe.stage2_length,
+            "grids": [list(grid) for grid in pipe.grids],
+            "tokens": [pipe.stage_length(k) for k in range(pipe.num_stages)],
+            "exit_policies": [type(pipe.stages[k].exit_policy).__name__ for k in range(pipe.num_stages - 1)],
+            "recipe_thresholds": recipe_thresholds(pipe),
         },
         "data": {
             "split": info.get("split"),
@@ -285,11 +425,12 @@ def evaluate_pipeline(
         "flops": {
             "unit": "GFLOPs per image",
             "convention": FLOPS_CONVENTION,
-            "stage1": float(flops.stage1) if two_stage else None,
+            "stage1": stage_costs(flops, pipe.num_stages)[0] if pipe.num_stages > 1 else None,
             "stage2": float(flops.stage2) if two_stage else None,
             "full_resolution": float(flops.full_resolution),
+            "stages": stage_costs(flops, pipe.num_stages),
         },
-        "stages": _stage_metrics(pipe, records, flops),
+        "stages": stage_metrics,
         "dynamic": dynamic,
         "curve": curve_metrics(curve),
         "calibration": calibration_metrics(calibration),
@@ -407,7 +548,7 @@ def evaluate(
             f"the data has {len(names)} classes but the model's head has {pipe.backbone.num_classes}; "
             f"evaluate with the recipe the checkpoint was trained with, or set model.backbone.num_classes={len(names)}"
         )
-    if compile and pipe.num_stages == 2:
+    if compile and pipe.num_stages == 2:  # the compiled cascade has two stages
         pipe.compile()
     loader = loader_for(recipe)
     info = {

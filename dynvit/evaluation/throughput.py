@@ -11,7 +11,7 @@ import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +28,13 @@ class Throughput:
     batch_size: int
     repeats: int
     warmup: int
-    eta: float
-    exit_fraction: float  # fraction of the timed batch that stops after stage 1
+    eta: float | list[float]  # the threshold, or one per exit (three or more stages)
+    exit_fraction: float  # fraction of the timed batch that stops before the last stage (two stages: after stage 1)
     precision: str  # "float32", or the autocast dtype
     dynamic_seconds: list[float]  # per timed batch, pipe.infer
     full_seconds: list[float]  # per timed batch, pipe.run_full_resolution
     compiled: bool = False  # both sides under torch.compile (pipe.compile())
+    exit_fractions: list[float] | None = None  # fraction of the timed batch that stops at each exit
 
     @property
     def dynamic_images_per_second(self) -> float:
@@ -79,7 +80,7 @@ def _autocast(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractC
 def measure_throughput(
     pipe: DynamicPipeline,
     images: Tensor,
-    eta: float,
+    eta: float | Sequence[float],
     repeats: int = 10,
     warmup: int = 3,
     amp: bool = False,
@@ -89,7 +90,7 @@ def measure_throughput(
     For a compiled pipeline (:meth:`DynamicPipeline.compile`) the full-resolution forward is compiled too;
     the first (warm-up) calls pay for compilation.
     """
-    if pipe.num_stages != 2:
+    if pipe.num_stages < 2:
         raise ValueError("throughput compares the dynamic path with the plain backbone; this is a one-stage model")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -116,7 +117,8 @@ def measure_throughput(
     seconds: dict[str, list[float]] = {"dynamic": [], "full": []}
     try:
         with torch.inference_mode(), autocast:
-            exit_fraction = float((pipe.infer(images, threshold=eta).exit_stage == 1).float().mean())
+            exit_stage = pipe.infer(images, threshold=eta).exit_stage
+            exit_fractions = [float((exit_stage == k).float().mean()) for k in range(1, pipe.num_stages)]
             for round_ in range(warmup + repeats):
                 order = ("dynamic", "full") if round_ % 2 == 0 else ("full", "dynamic")
                 for name in order:
@@ -130,10 +132,11 @@ def measure_throughput(
         batch_size=int(images.shape[0]),
         repeats=repeats,
         warmup=warmup,
-        eta=float(eta),
-        exit_fraction=exit_fraction,
+        eta=float(eta) if isinstance(eta, (int, float)) else [float(t) for t in eta],
+        exit_fraction=sum(exit_fractions),
         precision=precision,
         dynamic_seconds=seconds["dynamic"],
         full_seconds=seconds["full"],
         compiled=pipe.compiled,
+        exit_fractions=exit_fractions,
     )
