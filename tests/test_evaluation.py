@@ -660,7 +660,7 @@ def test_staged_calibration_picks_thresholds_on_the_calibration_split_and_report
 @pytest.fixture(scope="module")
 def pipe3():
     torch.manual_seed(0)
-    return build_pipeline(load_recipe(Path(__file__).with_name("tiny3.yaml")), with_loss=False).eval()
+    return build_pipeline(load_recipe(Path(__file__).with_name("tiny_three_stages.yaml")), with_loss=False).eval()
 
 
 def test_staged_predictions_equal_real_early_exit_inference(pipe3):
@@ -684,7 +684,7 @@ def test_staged_predictions_equal_real_early_exit_inference(pipe3):
 def test_evaluate_a_three_stage_recipe_end_to_end(disk_data, tmp_path):
     from dynvit.evaluation import evaluate
 
-    recipe = load_recipe(Path(__file__).with_name("tiny3.yaml"), data_overrides(disk_data))
+    recipe = load_recipe(Path(__file__).with_name("tiny_three_stages.yaml"), data_overrides(disk_data))
     metrics = evaluate(recipe, None, tmp_path, device="cpu", budget_gflops=0.003, progress=False)
     validate_metrics(metrics)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics

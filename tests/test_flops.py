@@ -196,7 +196,7 @@ def tiny3():
     from pathlib import Path
 
     torch.manual_seed(0)
-    return build_pipeline(load_recipe(Path(__file__).with_name("tiny3.yaml")), with_loss=False).eval()
+    return build_pipeline(load_recipe(Path(__file__).with_name("tiny_three_stages.yaml")), with_loss=False).eval()
 
 
 def test_three_stage_costs_per_stage_add_up_and_the_expected_cost_follows_the_exits():
@@ -212,7 +212,7 @@ def test_three_stage_costs_per_stage_add_up_and_the_expected_cost_follows_the_ex
 
     assert report.stages == pytest.approx((vit(32), vit(16), vit(8)), rel=1e-12)
     assert report.lengths == (5, 17, 65) and report.stage2_length == 65
-    assert report.full_resolution == pytest.approx(vit(32), rel=1e-12)  # the shared backbone is stage 1's
+    assert report.full_resolution == pytest.approx(vit(8), rel=1e-12)  # the baseline: the last stage's backbone
     assert report.cumulative(3) == pytest.approx(sum(report.stages))
     with pytest.raises(ValueError, match="report.stages"):
         _ = report.stage2
@@ -244,7 +244,7 @@ def test_three_stage_costs_per_stage_add_up_and_the_expected_cost_follows_the_ex
 def test_flops_command_prints_every_stage_of_a_three_stage_pipeline(capsys):
     from pathlib import Path
 
-    recipe = str(Path(__file__).with_name("tiny3.yaml"))
+    recipe = str(Path(__file__).with_name("tiny_three_stages.yaml"))
     assert main(["flops", recipe, "--exit-fractions", "0.5,0.3", "0.2,0.2"]) == 0
     printed = capsys.readouterr().out
     report = count_flops(tiny3())
