@@ -51,6 +51,8 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
     "lfvit-m5": ("lfvit_deit_s", ["model.selector.region=5"]),
     "lfvit-m6": ("lfvit_deit_s", ["model.selector.region=6"]),
     "lfvit-star": ("lfvit_star_deit_s", []),
+    "cfvit": ("cfvit_deit_s", []),
+    "dvt": ("dvt_deit_s", []),
     # the quickstart LF-ViT (64 px, patch 8, width 64): a smoke run of every table
     "tiny-m2": ("quickstart", ["model.selector.region=2", "model.selector.alpha=0.75"]),
     "tiny-m3": ("quickstart", ["model.selector.region=3", "model.selector.alpha=0.88"]),
@@ -107,13 +109,25 @@ def forced_infer(pipe: DynamicPipeline, images: Tensor, fraction: float) -> obje
 
 @contextlib.contextmanager
 def forced_exit(pipe: DynamicPipeline, fraction: float) -> Iterator[None]:
-    """Swap the pipeline's exit policy for :class:`ExitFraction` for the duration of the block."""
-    original = pipe.exit_policy
-    pipe.exit_policy = exit_fraction(fraction)
+    """Swap every exit policy for :class:`ExitFraction` for the duration of the block: ``fraction`` of the
+    samples reaching each exit stop there (with three stages, f exit at the first and f(1 - f) at the second)."""
+    exits = [stage for stage in pipe.stages if stage.exit_policy is not None]
+    originals = [stage.exit_policy for stage in exits]
+    for stage in exits:
+        stage.exit_policy = exit_fraction(fraction)
     try:
         yield
     finally:
-        pipe.exit_policy = original
+        for stage, original in zip(exits, originals):
+            stage.exit_policy = original
+
+
+def expected_gflops(flops: FlopsReport, fraction: float) -> float:
+    """The expected cost when ``fraction`` of the samples reaching each exit stop there (see forced_exit)."""
+    exits = len(flops.stages) - 1
+    if exits == 1:
+        return flops.expected(fraction)
+    return flops.expected([fraction * (1 - fraction) ** k for k in range(exits)])
 
 
 # -- timing helpers -----------------------------------------------------------------------------------------------
@@ -247,7 +261,7 @@ def measure_inference(
     else: downsampling, patch embedding, class-attention rows and GCA,
     NGCA, top-k, gathers, fusion, reuse, compaction, final norm and head.
     """
-    model = pipe.backbone.model
+    model = pipe.full_resolution_backbone.model
     pipe.eval()
     fns: dict[str, Callable[[], object]] = {"backbone": bench.autocasted(lambda: model(images))}
     with torch.no_grad():
@@ -280,12 +294,12 @@ def throughput_rows(times: dict, fractions: Sequence[float], batch: int, flops: 
     for f in fractions:
         infer = times[f"infer@{f}"]
         measured = median_ratio(backbone, infer)
-        predicted = flops.full_resolution / flops.expected(f)
+        predicted = flops.full_resolution / expected_gflops(flops, f)
         rows.append(
             {
                 "exit %": f"{100 * f:.0f}",
-                "GFLOPs/img": f"{flops.expected(f):.2f}",
-                "LF-ViT img/s": f"{batch / statistics.median(infer):.1f}",
+                "GFLOPs/img": f"{expected_gflops(flops, f):.2f}",
+                "pipeline img/s": f"{batch / statistics.median(infer):.1f}",
                 "backbone img/s": f"{batch / statistics.median(backbone):.1f}",
                 "measured speedup": f"{measured:.2f}x",
                 "FLOPs speedup": f"{predicted:.2f}x",
@@ -383,7 +397,7 @@ def train_rows(times: dict, batch: int) -> list[dict]:
     return [
         {
             "backbone img/s": f"{batch / statistics.median(backbone):.1f}",
-            "LF-ViT img/s": f"{batch / statistics.median(times['LF-ViT']):.1f}",
+            "pipeline img/s": f"{batch / statistics.median(times['LF-ViT']):.1f}",
             "LF-ViT speedup": f"{median_ratio(backbone, times['LF-ViT']):.2f}x",
             "LF-ViT whole-image img/s": f"{batch / statistics.median(times['LF-ViT whole image']):.1f}",
             "whole-image speedup": f"{median_ratio(backbone, times['LF-ViT whole image']):.2f}x",
@@ -570,8 +584,8 @@ def build(spec: str, device: torch.device) -> DynamicPipeline:
         recipe, _, rest = spec.partition(":")
         overrides = [o for o in rest.split(",") if o]
     pipe = build_pipeline(load_recipe(recipe, overrides)).to(device).eval()
-    if pipe.num_stages != 2:
-        raise SystemExit(f"{spec}: a one-stage recipe has no dynamic path to compare; pick an LF-ViT recipe")
+    if pipe.num_stages == 1:
+        raise SystemExit(f"{spec}: a one-stage recipe has no dynamic path to compare; pick a dynamic recipe")
     return pipe
 
 
@@ -595,13 +609,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if train_images is None:
             train_images = torch.randn(args.train_batch, 3, size, size, device=device, generator=generator)
         labels = torch.randint(pipe.backbone.num_classes, (args.train_batch,), device=device, generator=generator)
-        title = (
-            f"{spec}: {size}px, stage-1 grid {pipe.grid1[0]}x{pipe.grid1[1]}, "
-            f"stage-2 grid {pipe.grid2[0]}x{pipe.grid2[1]}, stage-2 tokens {pipe.stage2_length}"
+        stages = ", ".join(
+            f"stage {i + 1} grid {g[0]}x{g[1]} ({pipe.stage_length(i)} tokens)" for i, g in enumerate(pipe.grids)
         )
-        print(f"\n## {title}")
+        print(f"\n## {spec}: {size}px, {stages}")
         started = time.perf_counter()
         tables = set(args.tables)
+        if pipe.num_stages > 2 and tables - {"throughput"}:
+            # the overhead, memory and training tables compare one shared backbone with the pipeline
+            print(f"({spec}: {pipe.num_stages} stages with their own backbones: the throughput table only)")
+            tables = {"throughput"}
         fractions = args.exit_fractions if "throughput" in tables else []
         overhead_fractions = args.overhead_fractions if "overhead" in tables else []
         inference = training = None
