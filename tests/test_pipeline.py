@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_RECIPE, tiny_recipe, tolerance
+from data.make_lfvit_before import CASES as BEFORE_CASES
+from data.make_lfvit_before import SHRINK as BEFORE_SHRINK
 
 from dynvit import build_pipeline, load_recipe
 from dynvit.stages import StageContext
@@ -177,25 +179,16 @@ def test_bfloat16_pipeline_runs_and_keeps_dtype(tiny_pipeline, images):
 
 
 BEFORE = Path(__file__).parent / "data" / "lfvit_before.pt"
-BEFORE_CASES = ["ngca", "random", "max_gca", "topk_gca", "no_fusion", "no_reuse", "ce_ce", "whole_image", "one_stage"]
 
 
-@pytest.mark.parametrize("case", BEFORE_CASES)
+@pytest.mark.parametrize("case", list(BEFORE_CASES))
 def test_lfvit_outputs_equal_the_two_stage_pipeline_they_came_from(case):
     """Weights, images and outputs recorded by the two-stage pipeline (tests/data/make_lfvit_before.py, run at the
     commit before the stage list): the same weights, loaded under their old key names, give the same stage
     logits, selections, loss, exits and inference logits."""
     saved = torch.load(BEFORE, weights_only=True)
-    overrides = {
-        "random": ["model.selector.type=random"],
-        "max_gca": ["model.selector.type=max_gca"],
-        "topk_gca": ["model.selector.type=topk_gca"],
-        "no_fusion": ["model.fuser.type=none"],
-        "no_reuse": ["model.reuser.type=none"],
-        "ce_ce": ["loss.type=ce_ce"],
-        "one_stage": ["model.stages=1", "loss.type=ce"],
-    }.get(case, [])
-    shrink = ["model.backbone.depth=4", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
+    overrides = BEFORE_CASES[case]
+    shrink = BEFORE_SHRINK
     first = [] if case == "one_stage" else ["model.selector.first_block=2"]
     pipe = build_pipeline(load_recipe(TINY_RECIPE, shrink + first + overrides)).eval()
     pipe.load_state_dict(saved[f"{case}.state"])
