@@ -502,7 +502,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    parser.add_argument("--batch", type=int, default=None, help="inference batch (default: 1024 cuda, 8 cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="inference batch (default: 1024 cuda, 20 cpu)")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch (default: 256 cuda, 4 cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 autocast on cuda, fp32 cpu")
     parser.add_argument(
@@ -547,7 +547,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     gpu = args.device == "cuda"
     defaults = {
-        "batch": 64 if args.tiny else (1024 if gpu else 8),
+        "batch": 64
+        if args.tiny
+        else (1024 if gpu else 20),  # 20: every default exit fraction is a whole number of images
         "train_batch": 32 if args.tiny else (256 if gpu else 4),
         "dtype": "bf16" if gpu else "fp32",
         "repeats": 10 if gpu else (5 if args.tiny else 3),
