@@ -252,7 +252,7 @@ def _drop_keys_of_replaced_plugins(merged: DictConfig, layer: DictConfig, source
                 f"{source}: {dotted} switched from {old.get('type')!r} to {new['type']!r}; "
                 f"dropping arguments it does not take: {', '.join(dropped)}",
                 RecipeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             with _writable(merged):
                 for key in dropped:
