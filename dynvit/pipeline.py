@@ -517,8 +517,8 @@ class DynamicPipeline(nn.Module):
             if refines:
                 chosen = chosen.take(remaining)
                 selection = chosen
-            keep_attention = not refines and index + 1 < self.num_stages
-            previous = out.take(remaining, with_attention=keep_attention)
+            # the selection is made: the next stage reads the previous one's tokens and records, not its rows
+            previous = out.take(remaining, with_attention=False)
             out = self.run_stage(index, images[active], previous, chosen)
             logits[active] = out.logits.to(logits.dtype)
         return InferenceResult(logits=logits, exit_stage=exit_stage, stage1_logits=first_logits, selection=selection)

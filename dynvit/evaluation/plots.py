@@ -93,12 +93,7 @@ def plot_curve(
                     label=f"paper Table 2, LF-ViT m={m}",
                 )
             ax.plot(PAPER_DEIT_S[1], PAPER_DEIT_S[0], "D", color="grey", ms=6, label="paper DeiT-S")
-        ax.set_xlabel("expected GFLOPs per image (fvcore: 1 multiply-add = 1 FLOP)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.savefig(path, dpi=DPI)
+        _save_curve(fig, ax, title, path)
     finally:
         plt.close(fig)
     return Path(path)
@@ -202,6 +197,16 @@ def plot_regions(
     return Path(path)
 
 
+def _save_curve(fig: plt.Figure, ax: plt.Axes, title: str, path: str | Path) -> None:
+    """The axes, title, grid and legend both accuracy/FLOPs pictures share, then the file."""
+    ax.set_xlabel("expected GFLOPs per image (fvcore: 1 multiply-add = 1 FLOP)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.savefig(path, dpi=DPI)
+
+
 def plot_staged_curve(
     curve: StagedCurve,
     path: str | Path,
@@ -234,12 +239,7 @@ def plot_staged_curve(
             ax.plot(chosen.gflops, chosen.top1 * 100, "*", color="tab:red", ms=13, label=chosen.label)
         if baseline is not None:
             ax.plot(baseline.gflops, baseline.top1 * 100, "s", color="black", ms=7, label=baseline.label)
-        ax.set_xlabel("expected GFLOPs per image (fvcore: 1 multiply-add = 1 FLOP)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.savefig(path, dpi=DPI)
+        _save_curve(fig, ax, title, path)
     finally:
         plt.close(fig)
     return Path(path)

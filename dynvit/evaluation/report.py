@@ -49,21 +49,12 @@ def calibration_metrics(calibration: Calibration | StagedCalibration | None) -> 
     if calibration is None:
         return None
     if isinstance(calibration, StagedCalibration):
-        return {
-            "mode": calibration.mode,
-            "q": calibration.q,
-            "thresholds": _thresholds(calibration.thresholds),
-            "feasible": calibration.feasible,
-            "budget_gflops": calibration.budget_gflops,
-            "target_acc": calibration.target_acc,
-            "fraction": calibration.fraction,
-            "seed": calibration.seed,
-            "calibration": calibration.calibration,
-            "heldout": calibration.heldout,
-        }
+        chosen = {"q": calibration.q, "thresholds": _thresholds(calibration.thresholds)}
+    else:
+        chosen = {"eta": round(calibration.eta, 6)}
     return {
         "mode": calibration.mode,
-        "eta": round(calibration.eta, 6),
+        **chosen,
         "feasible": calibration.feasible,
         "budget_gflops": calibration.budget_gflops,
         "target_acc": calibration.target_acc,

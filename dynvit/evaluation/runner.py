@@ -310,6 +310,16 @@ def evaluate_pipeline(
     curve = calibration = throughput = dynamic = None
     stage_metrics = _stage_metrics(pipe, records, flops)
     files: dict[str, str | None] = {"metrics": "metrics.json", "curve": None, "regions": None, "recipe": None}
+    title = f"{info.get('recipe', 'model')} on {info.get('split', 'data')} ({records.count} images)"
+    if info.get("random_weights"):
+        title += " - RANDOM WEIGHTS"
+    marked_baseline = None
+    if baseline is not None:
+        marked_baseline = MarkedPoint(f"baseline {baseline.get('recipe', '')}", baseline["top1"], baseline["gflops"])
+
+    def throughput_batch() -> torch.Tensor:
+        return _tile(records.images, settings.throughput_batch).to(device)
+
     if two_stage:
         policy, recipe_eta = pipe.exit_policy, _threshold(pipe)
         curve = sweep(records, flops.stage1, flops.stage2, eta_grid(settings.eta_step), policy=policy)
@@ -342,18 +352,10 @@ def evaluate_pipeline(
         how = calibration.mode if calibration is not None else "recipe"
         label = f"eta={eta:g} ({how}), all {records.count} images"
         if settings.throughput:
-            batch = _tile(records.images, settings.throughput_batch).to(device)
             throughput = measure_throughput(
-                pipe, batch, eta, settings.throughput_repeats, settings.throughput_warmup, settings.amp
+                pipe, throughput_batch(), eta, settings.throughput_repeats, settings.throughput_warmup, settings.amp
             )
-        title = f"{info.get('recipe', 'model')} on {info.get('split', 'data')} ({records.count} images)"
-        if info.get("random_weights"):
-            title += " - RANDOM WEIGHTS"
         chosen = MarkedPoint(label, chosen_point["top1"], chosen_point["gflops"])
-        marked_baseline = None
-        if baseline is not None:
-            name = f"baseline {baseline.get('recipe', '')}"
-            marked_baseline = MarkedPoint(name, baseline["top1"], baseline["gflops"])
         plot_curve(curve, out_dir / "curve.png", title, chosen, marked_baseline, _paper_region(recipe))
         files["curve"] = "curve.png"
         if settings.region_images > 0:
@@ -367,17 +369,13 @@ def evaluate_pipeline(
         shown = "/".join("none" if t is None else f"{t:.3g}" for t in chosen_point["thresholds"])
         label = f"thresholds {shown} ({how}), all {records.count} images"
         if settings.throughput:
-            batch = _tile(records.images, settings.throughput_batch).to(device)
             throughput = measure_throughput(
-                pipe, batch, thresholds, settings.throughput_repeats, settings.throughput_warmup, settings.amp
-            )
-        title = f"{info.get('recipe', 'model')} on {info.get('split', 'data')} ({records.count} images)"
-        if info.get("random_weights"):
-            title += " - RANDOM WEIGHTS"
-        marked_baseline = None
-        if baseline is not None:
-            marked_baseline = MarkedPoint(
-                f"baseline {baseline.get('recipe', '')}", baseline["top1"], baseline["gflops"]
+                pipe,
+                throughput_batch(),
+                thresholds,
+                settings.throughput_repeats,
+                settings.throughput_warmup,
+                settings.amp,
             )
         stage_points = [MarkedPoint(f"stage {s['stage']} alone", s["top1"], s["gflops"]) for s in stage_metrics]
         chosen = MarkedPoint(label, chosen_point["top1"], chosen_point["gflops"])
