@@ -36,6 +36,7 @@ from dynvit.stages import (
     Selection,
     StageContext,
     StageOutput,
+    TokenReducer,
     TokenReuser,
     gather_tokens,
 )
@@ -101,6 +102,7 @@ class PipelineStage(nn.Module):
         reuser: TokenReuser | None = None,
         hooks: Sequence[EncoderHook] = (),
         exit_policy: ExitPolicy | None = None,
+        reducer: TokenReducer | None = None,
     ) -> None:
         super().__init__()
         if selector is not None and downsampler is not None:
@@ -115,6 +117,9 @@ class PipelineStage(nn.Module):
         self.reuser = None if reuser is None or reuser.is_noop else reuser
         self.hooks = nn.ModuleList(hooks)
         self.exit_policy = exit_policy
+        if reducer is not None and not reducer.is_noop and hooks:
+            raise ValueError("token reduction cannot share a stage with encoder hooks: they edit every token")
+        self.reducer = None if reducer is None or reducer.is_noop else reducer
 
     @property
     def refines(self) -> bool:
@@ -213,6 +218,11 @@ class DynamicPipeline(nn.Module):
                 any(h.needs_attention_logits for h in stage.hooks),
                 any(h.needs_block_tokens for h in stage.hooks),
             )
+            if any(self._records[index - 1]) and stages[index - 1].reducer is not None:
+                raise RecipeError(
+                    f"model.reduction: stage {index} reduces its tokens, but stage {index + 1}'s hooks read its "
+                    "per-block records over every token; reduce in another stage"
+                )
         # while True, every refining stage sees the whole image (the first LF-ViT/CF-ViT training phase)
         self.whole_image_stage2 = False
         if self.num_stages == 2:  # checkpoints of the two-stage era load as they did
@@ -316,6 +326,7 @@ class DynamicPipeline(nn.Module):
             record_attention_logits=logits,
             record_block_tokens=tokens,
             hooks=tuple(self.stages[index].hooks),
+            reducer=self.stages[index].reducer,
         )
 
     def _empty_selection(self, index: int, device: torch.device) -> Selection:
@@ -577,6 +588,8 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
         image_size=image_size,
         stage_image_sizes=shared_sides or (image_size,),
     )
+    reducer = build("token_reducer", "model.reduction", model.reduction)
+    reduced = _reduced_stages(reducer, len(sections))
     stages = []
     for index, (stage, downsampler, side) in enumerate(zip(sections, downsamplers, sides)):
         plugins = stage.plugins
@@ -605,10 +618,24 @@ def build_pipeline(recipe: DictConfig, with_loss: bool = True) -> DynamicPipelin
                     reuser=optional("reuser", "token_reuser", embed_dim=embed_dim),
                     hooks=hooks,
                     exit_policy=optional("exit", "exit_policy"),
+                    reducer=reducer if index in reduced else None,
                 )
             )
     loss = build("loss", "loss", recipe.loss) if with_loss else None
     return DynamicPipeline(backbone, stages, loss, image_size)
+
+
+def _reduced_stages(reducer: TokenReducer, num_stages: int) -> set[int]:
+    """The stage indices ``model.reduction.stage`` names (negative from the end), each checked."""
+    if reducer.is_noop:
+        return set()
+    bad = [s for s in reducer.stage if not -num_stages <= s < num_stages]
+    if bad:
+        raise RecipeError(
+            f"model.reduction.stage: {bad[0]} names no stage of this {num_stages}-stage pipeline; "
+            f"use 0..{num_stages - 1} (0-based, like model.stages.N) or -1 for the last"
+        )
+    return {s % num_stages for s in reducer.stage}
 
 
 def check_buildable(recipe: DictConfig, source: str = "recipe") -> None:

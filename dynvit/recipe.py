@@ -32,6 +32,7 @@ PLUGIN_SECTIONS: dict[str, str] = {
     "model.fuser": "fuser",
     "model.reuser": "token_reuser",
     "model.exit": "exit_policy",
+    "model.reduction": "token_reducer",
     "loss": "loss",
 }
 
@@ -145,6 +146,8 @@ class ModelConfig:
     fuser: dict[str, Any] = _plugin("none")
     reuser: dict[str, Any] = _plugin("none")
     exit: dict[str, Any] = _plugin("confidence")
+    # token reduction (evit, tome) inside the blocks of the stages its ``stage`` key names (-1: the last)
+    reduction: dict[str, Any] = _plugin("none")
 
 
 @functools.cache

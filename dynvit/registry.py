@@ -28,6 +28,7 @@ STAGE_KINDS = (
     "token_reuser",
     "fuser",
     "encoder_hook",
+    "token_reducer",
     "loss",
 )
 

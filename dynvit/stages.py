@@ -153,6 +153,98 @@ class EncoderHook(nn.Module, ABC):
 
 
 @dataclass
+class TokenGroups:
+    """Where a pass's original patch tokens went once a :class:`TokenReducer` shrank the sequence.
+
+    ``owner`` (B, L0): for each original patch token, the current patch token
+    that holds it (an index among the L current patch tokens; L itself means
+    the token was dropped). ``sizes`` (B, L): how many original tokens each
+    current patch token holds (ToMe's token size).
+    """
+
+    owner: Tensor
+    sizes: Tensor
+
+    @classmethod
+    def identity(cls, batch: int, length: int, device: torch.device | None = None) -> TokenGroups:
+        """Before any reduction: every token holds itself."""
+        owner = torch.arange(length, device=device).expand(batch, length)
+        return cls(owner, torch.ones(batch, length, device=device))
+
+    def regroup(self, new_position: Tensor, length: int) -> TokenGroups:
+        """The groups after a reduction that moved current token ``j`` to ``new_position[:, j]`` (``length``:
+        dropped) of ``length`` new tokens; sizes of tokens that land together add up."""
+        dropped = new_position.new_full((new_position.shape[0], 1), length)
+        owner = torch.cat([new_position, dropped], dim=1).gather(1, self.owner)
+        sizes = self.sizes.new_zeros(new_position.shape[0], length + 1).scatter_add_(1, new_position, self.sizes)
+        return TokenGroups(owner, sizes[:, :length])
+
+    def spread_attention(self, attention: Tensor) -> Tensor:
+        """(B, L) attention over the current patch tokens -> (B, L0) over the original ones.
+
+        A token holding s originals passes each of them 1/s of its share: with
+        proportional attention and equal keys, exactly what each would get
+        unmerged. Dropped tokens get 0. The result sums to what ``attention`` does.
+        """
+        padded = torch.cat([attention, attention.new_zeros(attention.shape[0], 1)], dim=1)
+        sizes = torch.cat([self.sizes, self.sizes.new_ones(self.sizes.shape[0], 1)], dim=1).to(attention.dtype)
+        return padded.gather(1, self.owner) / sizes.gather(1, self.owner)
+
+    def spread_tokens(self, tokens: Tensor) -> Tensor:
+        """(B, L, D) current patch tokens -> (B, L0, D): each original position reads the token holding it
+        (zeros where it was dropped), so later stages index the grid as if nothing had been reduced."""
+        padded = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])], dim=1)
+        return gather_tokens(padded, self.owner)
+
+
+@dataclass
+class BlockAttention:
+    """What a :class:`TokenReducer` reads from the attention of the block it reduces after.
+
+    ``class_attention`` (B, L): the CLS query's attention over the patch
+    tokens, head-mean, as the softmax saw it (size bias included).
+    ``keys`` (B, L, d): the patch tokens' keys, head-mean (ToMe's metric).
+    Each is None unless the reducer declares it reads it.
+    """
+
+    class_attention: Tensor | None = None
+    keys: Tensor | None = None
+
+
+class TokenReducer(nn.Module, ABC):
+    """Shrinks a stage's token sequence inside chosen blocks, between attention and MLP (EViT, ToMe).
+
+    ``stage`` says which stages of the pipeline it runs in (an index or a
+    list, negative from the end; -1 is the last stage). The CLS token
+    (index 0) is never reduced. Reducers keep shapes static: how many
+    tokens survive a block depends only on how many entered it.
+    """
+
+    is_noop: bool = False  # True: the pipeline leaves it out
+    reads_class_attention: bool = False
+    reads_keys: bool = False
+    proportional_attention: bool = False  # add log(token size) to every attention logit once tokens merged
+
+    def __init__(self, stage: int | Sequence[int] = -1) -> None:
+        super().__init__()
+        self.stage = [stage] if isinstance(stage, int) else [int(s) for s in stage]
+
+    @abstractmethod
+    def reduces_at(self, block: int, depth: int) -> bool:
+        """Whether the sequence shrinks inside ``block`` of a ``depth``-block backbone."""
+
+    @abstractmethod
+    def reduced_length(self, length: int, block: int) -> int:
+        """Patch tokens leaving ``block`` when ``length`` entered it (CLS not counted)."""
+
+    @abstractmethod
+    def forward(
+        self, x: Tensor, attention: BlockAttention, groups: TokenGroups, block: int
+    ) -> tuple[Tensor, TokenGroups]:
+        """(B, 1 + L, D) tokens after the block's attention -> (B, 1 + L', D) and the regrouped originals."""
+
+
+@dataclass
 class StageContext:
     """What ``encode`` is told about the stage it runs."""
 
@@ -163,6 +255,7 @@ class StageContext:
     record_attention_logits: bool = False  # every block's attention logits (a later hook asks)
     record_block_tokens: bool = False  # every block's output tokens (a later hook asks)
     hooks: Sequence[EncoderHook] = ()
+    reducer: TokenReducer | None = None  # shrinks the sequence inside some blocks
 
 
 class Downsampler(nn.Module, ABC):

@@ -13,4 +13,5 @@ from dynvit.plugins import (  # noqa: F401
     losses,
     reusers,
     selectors,
+    token_reduction,
 )

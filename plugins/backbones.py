@@ -9,11 +9,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from dynvit.registry import register
-from dynvit.stages import Backbone, BackboneOutput, Grid, StageContext
+from dynvit.stages import Backbone, BackboneOutput, BlockAttention, Grid, StageContext, TokenGroups, TokenReducer
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -167,6 +167,8 @@ class TimmViT(Backbone):
         self._attention_logits: list[Tensor] | None = None
         self._attention_bias: Tensor | None = None
         self._mlp_input: Tensor | None = None
+        self._reducer: TokenReducer | None = None  # the reducer acting in the current block, and what it reads
+        self._reading: BlockAttention | None = None
         self.mlp_extra_channels = mlp_extra_channels
         for index, block in enumerate(model.blocks):
             block.attn.qkv.register_forward_hook(functools.partial(self._capture_class_attention, index))
@@ -247,53 +249,102 @@ class TimmViT(Backbone):
     def encode(self, tokens: Tensor, cls_position: Tensor, context: StageContext | None = None) -> BackboneOutput:
         """timm's blocks, final norm and head over CLS + ``tokens``.
 
-        Without hooks or per-block records the blocks run as timm runs them
-        (``model.blocks(x)``, fused attention); CLS attention rows come from a
-        hook on each block's ``qkv``. Hooks' attention biases go to timm's
-        own ``attn_mask`` argument, so the fused kernel stays.
+        Without hooks, a reducer or per-block records the blocks run as timm
+        runs them (``model.blocks(x)``, fused attention); CLS attention rows
+        come from a hook on each block's ``qkv``. Hooks' attention biases and
+        ToMe's size bias go to timm's own ``attn_mask`` argument, so the fused
+        kernel stays. A block where a token reducer acts runs as timm's two
+        residual branches with the reduction between them.
         """
         model = self.model
         cls = (model.cls_token + cls_position).expand(tokens.shape[0], -1, -1)
         x = model.pos_drop(torch.cat([cls, tokens], dim=1))
         x = model.norm_pre(x)
         context = context or StageContext(index=0, grid=(0, 0))
+        reducer = context.reducer
+        if reducer is not None:
+            self._check_reducible(context)
         edits = [hook.prepare(context, self) for hook in context.hooks]
-        per_block = bool(edits) or context.record_attention_logits or context.record_block_tokens
+        per_block = bool(edits) or context.record_attention_logits or context.record_block_tokens or reducer is not None
         self._capture = {b: None for b in context.attention_blocks} if context.attention_blocks else None
         self._attention_logits = [] if context.record_attention_logits else None
         block_tokens = [] if context.record_block_tokens else None
+        groups: TokenGroups | None = None  # set once the reducer has acted
         try:
             if not per_block:
                 x = model.blocks(x)
             for index, block in enumerate(model.blocks if per_block else ()):
                 biases = [e.attention_bias(index) for e in edits if e.attention_bias is not None]
                 extra = [e.mlp_input(index) for e in edits if e.mlp_input is not None]
+                if groups is not None and reducer.proportional_attention:
+                    biases.append(_size_bias(groups.sizes))
                 bias = _sum_present(biases)
                 self._attention_bias = bias
                 self._mlp_input = _concat_present(extra)
-                x = block(x, attn_mask=None if bias is None else bias.to(x.dtype))
+                mask = None if bias is None else bias.to(x.dtype)
+                if reducer is None or not reducer.reduces_at(index, self.depth):
+                    x = block(x, attn_mask=mask)
+                    self._spread_captured(index, groups)
+                else:
+                    self._reducer, self._reading = reducer, BlockAttention()
+                    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask)))
+                    self._spread_captured(index, groups)
+                    if groups is None:
+                        groups = TokenGroups.identity(x.shape[0], x.shape[1] - 1, x.device)
+                    x, groups = reducer(x, self._reading, groups, index)
+                    self._reducer = self._reading = None
+                    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
                 if block_tokens is not None:
                     block_tokens.append(x)
             captured = self._capture or {}
             attention_logits = self._attention_logits
         finally:
             self._capture = self._attention_logits = self._attention_bias = self._mlp_input = None
+            self._reducer = self._reading = None
         x = model.norm(x)
+        logits = model.forward_head(x)
+        if groups is not None:  # later stages index the original grid
+            x = torch.cat([x[:, :1], groups.spread_tokens(x[:, 1:])], dim=1)
         return BackboneOutput(
-            logits=model.forward_head(x),
+            logits=logits,
             tokens=x,
             class_attention=dict(captured),
             attention_logits=attention_logits,
             block_tokens=block_tokens,
         )
 
+    def _check_reducible(self, context: StageContext) -> None:
+        """Token reduction splits timm's ``Block`` between its branches and reads CLS alone at the head; refuse
+        what it cannot serve rather than compute something else."""
+        if self.model.global_pool != "token":
+            raise ValueError(
+                f"token reduction needs a CLS-token head; this model pools {self.model.global_pool!r} "
+                "(build it with global_pool='token')"
+            )
+        odd = next((type(b).__name__ for b in self.model.blocks if type(b).forward is not Block.forward), None)
+        if odd is not None:
+            raise ValueError(f"token reduction runs timm's pre-norm Block in two halves; this model has {odd} blocks")
+        if context.hooks or context.record_attention_logits or context.record_block_tokens:
+            raise ValueError(
+                "token reduction changes the sequence every later block sees; it cannot share a stage with "
+                "encoder hooks, or run in a stage whose per-block records a later stage's hooks read (DVT's reuse)"
+            )
+
+    def _spread_captured(self, index: int, groups: TokenGroups | None) -> None:
+        """A recorded CLS attention row of a reduced sequence, handed back over the original tokens."""
+        if groups is not None and self._capture is not None and self._capture.get(index) is not None:
+            self._capture[index] = groups.spread_attention(self._capture[index])
+
     def _capture_class_attention(self, index: int, module: nn.Module, args: tuple, qkv: Tensor) -> None:
         """qkv hook: the CLS query's attention row, computed alone (timm keeps its fused kernel).
 
         When a later stage asks for attention logits, the whole scaled
         logit map (bias included, as the softmax sees it) is recorded too.
+        A token reducer acting in this block gets the CLS row (with its
+        gradient: EViT weighs the tokens it fuses by it) and the keys.
         """
-        if self._capture is None and self._attention_logits is None:
+        reading, reducer = self._reading, self._reducer
+        if self._capture is None and self._attention_logits is None and reading is None:
             return
         attn = self.model.blocks[index].attn
         b, n, _ = qkv.shape
@@ -302,15 +353,23 @@ class TimmViT(Backbone):
             q = attn.q_norm(qkv[:, :, 0].transpose(1, 2)) * attn.scale  # (B, H, N, d)
             logits = q @ attn.k_norm(qkv[:, :, 1].transpose(1, 2)).transpose(-2, -1)
             self._attention_logits.append(logits if self._attention_bias is None else logits + self._attention_bias)
-        if self._capture is None or index not in self._capture:
+        if reading is not None and reducer.reads_keys:
+            reading.keys = attn.k_norm(qkv[:, 1:, 1].detach()).mean(dim=2)  # (B, L, d), head-mean
+        capture = self._capture is not None and index in self._capture
+        for_reducer = reading is not None and reducer.reads_class_attention
+        if not (capture or for_reducer):
             return
-        qkv = qkv.detach()
-        q = attn.q_norm(qkv[:, 0, 0]) * attn.scale  # (B, H, d): the CLS query alone
-        k = attn.k_norm(qkv[:, :, 1])  # (B, N, H, d), a strided view, no copy
+        source = qkv if for_reducer else qkv.detach()
+        q = attn.q_norm(source[:, 0, 0]) * attn.scale  # (B, H, d): the CLS query alone
+        k = attn.k_norm(source[:, :, 1])  # (B, N, H, d), a strided view, no copy
         scores = torch.einsum("bhd,bnhd->bhn", q, k)
         if self._attention_bias is not None:
             scores = scores + self._attention_bias[:, :, 0].expand_as(scores)
-        self._capture[index] = scores.float().softmax(dim=-1)[:, :, 1:].mean(dim=1)
+        row = scores.float().softmax(dim=-1)[:, :, 1:].mean(dim=1)  # (B, L)
+        if for_reducer:
+            reading.class_attention = row
+        if capture:
+            self._capture[index] = row.detach()
 
     def _widen_mlp_input(self, module: nn.Module, args: tuple) -> tuple[Tensor]:
         """norm2 pre-hook of a backbone with extra MLP input channels: hooks' channels, or zeros, appended."""
@@ -324,6 +383,12 @@ class TimmViT(Backbone):
                 f"mlp_extra_channels={self.mlp_extra_channels}"
             )
         return (torch.cat([x, extra.to(x.dtype)], dim=-1),)
+
+
+def _size_bias(sizes: Tensor) -> Tensor:
+    """(B, L) token sizes -> (B, 1, 1, 1 + L) additive attention bias log(size) (ToMe's proportional attention):
+    a key that stands for s tokens weighs like s equal keys; CLS holds itself."""
+    return torch.cat([sizes.new_zeros(sizes.shape[0], 1), sizes.log()], dim=1)[:, None, None, :]
 
 
 def _sum_present(values: list[Tensor | None]) -> Tensor | None:
