@@ -87,7 +87,7 @@ class Stage1Graph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         pipe = self.pipe
         if pipe.num_stages == 1:
-            return (pipe.run_full_resolution(images),)
+            return (pipe.run_stage(0, images).logits,)
         if pipe.whole_image_stage2:
             raise ValueError("whole_image_stage2 is a training phase; set it to False for static-shape inference")
         stage1 = pipe.run_stage1(images)

@@ -132,9 +132,7 @@ def count_flops(pipe: DynamicPipeline, batch: int = 1) -> FlopsReport:
     try:
         full = _gflops(lambda: pipe.run_full_resolution(images), batch)
         lengths = tuple(pipe.stage_length(i) for i in range(pipe.num_stages))
-        if pipe.num_stages == 1:
-            return FlopsReport(stages=(full,), full_resolution=full, lengths=lengths)
-        # stage by stage, each on every image (as if none had exited), from the previous stage's output
+        # stage by stage (one stage: the model as it runs, token reduction included), each on every image (as if none had exited), from the previous stage's output
         outputs: list[StageOutput] = []
         stages = []
         for index in range(pipe.num_stages):

@@ -223,6 +223,11 @@ class DynamicPipeline(nn.Module):
                     f"model.reduction: stage {index} reduces its tokens, but stage {index + 1}'s hooks read its "
                     "per-block records over every token; reduce in another stage"
                 )
+        for index, stage in enumerate(stages):
+            if stage.reducer is not None:
+                with _naming("model.reduction"):
+                    depth = self.backbone_of(index).depth
+                    stage.reducer.check(depth)
         # while True, every refining stage sees the whole image (the first LF-ViT/CF-ViT training phase)
         self.whole_image_stage2 = False
         if self.num_stages == 2:  # checkpoints of the two-stage era load as they did

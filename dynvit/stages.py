@@ -229,6 +229,11 @@ class TokenReducer(nn.Module, ABC):
         super().__init__()
         self.stage = [stage] if isinstance(stage, int) else [int(s) for s in stage]
 
+    def check(self, depth: int) -> None:
+        """Raise ValueError naming the setting if this reducer cannot act in a ``depth``-block backbone."""
+        for block in range(depth):
+            self.reduces_at(block, depth)
+
     @abstractmethod
     def reduces_at(self, block: int, depth: int) -> bool:
         """Whether the sequence shrinks inside ``block`` of a ``depth``-block backbone."""

@@ -179,7 +179,8 @@ class ToMe(_AtBlocks):
         similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # (B, A, B'): set A even, set B odd
         best, match = similarity.max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
-        merged, unmerged = order[:, :r], order[:, r:]  # A tokens that merge into their match, and the rest
+        # A tokens that merge into their match, and the rest (kept in sequence order, as ToMe does with a CLS token)
+        merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
         target = match.gather(1, merged)
         n_unmerged, n_b = unmerged.shape[1], length // 2
         # sums of size-weighted tokens and of sizes, then one division: the size-weighted average

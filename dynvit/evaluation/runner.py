@@ -44,7 +44,7 @@ def stage_costs(flops: StageFlops, num_stages: int) -> list[float]:
     """GFLOPs of each stage for an image that reaches it."""
     stages = getattr(flops, "stages", None)
     if stages is None:
-        stages = [flops.full_resolution] if num_stages == 1 else [flops.stage1, flops.stage2]
+        stages = [flops.stage1] if num_stages == 1 else [flops.stage1, flops.stage2]
     if len(stages) != num_stages:
         raise ValueError(f"the FLOPs count has {len(stages)} stages, the pipeline {num_stages}")
     return [float(x) for x in stages]
@@ -77,7 +77,7 @@ def _stage_metrics(pipe: DynamicPipeline, records: Records, flops: StageFlops) -
     top5 = records.num_classes >= 5
     if records.num_stages == 1:
         grid = pipe.grid2
-        costs, names = [flops.full_resolution], [f"full resolution ({grid[0]}x{grid[1]} patches)"]
+        costs, names = stage_costs(flops, 1), [f"full resolution ({grid[0]}x{grid[1]} patches)"]
     else:
         per_stage = stage_costs(flops, pipe.num_stages)
         costs = [sum(per_stage[: k + 1]) for k in range(pipe.num_stages)]
@@ -120,7 +120,7 @@ def baseline_metrics(
     if records.num_stages == 1:
         result["top1"] = float(records.correct(1, 1).double().mean())
         result["top5"] = float(records.correct(1, 5).double().mean()) if records.num_classes >= 5 else None
-        result["gflops"] = flops.full_resolution
+        result["gflops"] = stage_costs(flops, 1)[0]
     elif records.num_stages > 2:
         rows = torch.tensor([recipe_thresholds(pipe)], dtype=torch.float64)
         point = staged_points(records, stage_costs(flops, records.num_stages), rows).point(0)
