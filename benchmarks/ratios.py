@@ -53,6 +53,11 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
     "lfvit-star": ("lfvit_star_deit_s", []),
     "cfvit": ("cfvit_deit_s", []),
     "dvt": ("dvt_deit_s", []),
+    # token reduction: in LF-ViT's stage 2, and in the plain DeiT-S (one stage: the 100% column only)
+    "lfvit-evit": ("lfvit_evit_deit_s", []),
+    "lfvit-tome": ("lfvit_tome_deit_s", []),
+    "deit-evit": ("deit_s", ["model.reduction.type=evit"]),
+    "deit-tome": ("deit_s", ["model.reduction.type=tome", "model.reduction.r=13"]),
     # the quickstart LF-ViT (64 px, patch 8, width 64): a smoke run of every table
     "tiny-m2": ("quickstart", ["model.selector.region=2", "model.selector.alpha=0.75"]),
     "tiny-m3": ("quickstart", ["model.selector.region=3", "model.selector.alpha=0.88"]),
@@ -125,7 +130,7 @@ def forced_exit(pipe: DynamicPipeline, fraction: float) -> Iterator[None]:
 def expected_gflops(flops: FlopsReport, fraction: float) -> float:
     """The expected cost when ``fraction`` of the samples reaching each exit stop there (see forced_exit)."""
     exits = len(flops.stages) - 1
-    if exits == 1:
+    if exits <= 1:  # one stage: its own cost whatever the fraction
         return flops.expected(fraction)
     return flops.expected([fraction * (1 - fraction) ** k for k in range(exits)])
 
@@ -586,8 +591,8 @@ def build(spec: str, device: torch.device) -> DynamicPipeline:
         recipe, _, rest = spec.partition(":")
         overrides = [o for o in rest.split(",") if o]
     pipe = build_pipeline(load_recipe(recipe, overrides)).to(device).eval()
-    if pipe.num_stages == 1:
-        raise SystemExit(f"{spec}: a one-stage recipe has no dynamic path to compare; pick a dynamic recipe")
+    if pipe.num_stages == 1 and pipe.stages[0].reducer is None:
+        raise SystemExit(f"{spec}: a one-stage recipe without token reduction is the backbone itself; pick another")
     return pipe
 
 
@@ -617,11 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n## {spec}: {size}px, {stages}")
         started = time.perf_counter()
         tables = set(args.tables)
-        if pipe.num_stages > 2 and tables - {"throughput"}:
-            # the overhead, memory and training tables compare one shared backbone with the pipeline
-            print(f"({spec}: {pipe.num_stages} stages with their own backbones: the throughput table only)")
+        if pipe.num_stages != 2 and tables - {"throughput"}:
+            # the overhead, memory and training tables compare one shared backbone with a two-stage pipeline
+            print(f"({spec}: {pipe.num_stages} stage(s): the throughput table only)")
             tables = {"throughput"}
         fractions = args.exit_fractions if "throughput" in tables else []
+        if pipe.num_stages == 1:  # no exit to force: every image leaves after its only stage
+            fractions = [1.0]
         overhead_fractions = args.overhead_fractions if "overhead" in tables else []
         inference = training = None
         if tables & {"throughput", "overhead", "memory"}:

@@ -58,6 +58,7 @@ class FlopsReport:
     stages: tuple[float, ...]  # GFLOPs of each stage, in order
     full_resolution: float  # the plain shared backbone on the whole full-resolution image
     lengths: tuple[int, ...]  # tokens each stage processes, CLS included
+    block_lengths: tuple[tuple[int, ...], ...] = ()  # per stage, tokens leaving each block (token reduction)
 
     @property
     def num_stages(self) -> int:
@@ -132,12 +133,14 @@ def count_flops(pipe: DynamicPipeline, batch: int = 1) -> FlopsReport:
     try:
         full = _gflops(lambda: pipe.run_full_resolution(images), batch)
         lengths = tuple(pipe.stage_length(i) for i in range(pipe.num_stages))
-        # stage by stage (one stage: the model as it runs, token reduction included), each on every image (as if none had exited), from the previous stage's output
+        block_lengths = tuple(pipe.block_lengths(i) for i in range(pipe.num_stages))
+        # stage by stage, each on every image (as if none had exited), from the previous stage's output;
+        # a one-stage model's stage is the model as it runs (token reduction included), not the plain backbone
         outputs: list[StageOutput] = []
         stages = []
         for index in range(pipe.num_stages):
             previous = outputs[-1] if outputs else None
             stages.append(_gflops(lambda: outputs.append(pipe.run_stage(index, images, previous)), batch))  # noqa: B023
-        return FlopsReport(stages=tuple(stages), full_resolution=full, lengths=lengths)
+        return FlopsReport(stages=tuple(stages), full_resolution=full, lengths=lengths, block_lengths=block_lengths)
     finally:
         pipe.train(was_training)

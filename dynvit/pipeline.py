@@ -248,6 +248,17 @@ class DynamicPipeline(nn.Module):
         computed, reused = stage.selector.num_tokens(self.grids[index - 1], grid, self.backbone_of(index - 1).depth)
         return 1 + computed + (reused if stage.reuser is not None else 0)
 
+    def block_lengths(self, index: int) -> tuple[int, ...]:
+        """Tokens (CLS included) leaving each block of stage ``index``: fixed by the recipe, fewer after every
+        block where the stage's token reducer acts."""
+        reducer, depth = self.stages[index].reducer, self.backbone_of(index).depth
+        length, lengths = self.stage_length(index) - 1, []
+        for block in range(depth):
+            if reducer is not None and reducer.reduces_at(block, depth):
+                length = reducer.reduced_length(length, block)
+            lengths.append(1 + length)
+        return tuple(lengths)
+
     def __getattr__(self, name: str) -> object:
         alias = _TWO_STAGE_ALIASES.get(name)
         if alias is not None and "stages" in self._modules:

@@ -179,3 +179,24 @@ def test_three_stage_infer_work_does_not_grow_with_batch():
     batch = [torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) for n in (8, 32)]
     assert three.infer(batch[0]).exit_stage.tolist().count(3) == 2  # all three stages ran
     assert_same_work(work(lambda: three.infer(batch[0])), work(lambda: three.infer(batch[1])))
+
+
+@pytest.mark.parametrize(
+    "reduction",
+    [
+        ["model.reduction.type=evit", "model.reduction.keep_rate=0.6", "model.reduction.stage=[0,1]"],
+        ["model.reduction.type=evit", "model.reduction.fuse=false", "model.reduction.stage=1"],
+        ["model.reduction.type=tome", "model.reduction.r=4", "model.reduction.stage=[0,1]"],
+    ],
+)
+def test_token_reduction_work_does_not_grow_with_batch(reduction):
+    """EViT's pruning and ToMe's matching and merging are batched tensor ops in inference and training alike."""
+    torch.manual_seed(0)
+    reduced = build_pipeline(load_recipe("quickstart", [*TINY, "model.selector.region=2", *reduction])).eval()
+    reduced.exit_policy = HalfExit()
+    assert all(stage.reducer is not None for stage in reduced.stages[1:])
+    small, large = images(4), images(32)
+    assert (reduced.infer(small).exit_stage == 2).sum() == 2  # both stages ran
+    assert_same_work(work(lambda: reduced.infer(small)), work(lambda: reduced.infer(large)))
+    reduced.train()
+    assert_same_work(work(lambda: reduced(small)), work(lambda: reduced(large)))

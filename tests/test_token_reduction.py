@@ -144,8 +144,12 @@ def run_reference(pipe, batch: Tensor, reduce, proportional: bool, blocks_record
 
 @pytest.mark.parametrize("proportional", [True, False])
 def test_tome_matches_a_per_sample_reference(proportional):
-    pipe = pipeline(*ONE_STAGE, "model.reduction.type=tome", "model.reduction.r=5",
-                    f"model.reduction.proportional_attention={proportional}")
+    pipe = pipeline(
+        *ONE_STAGE,
+        "model.reduction.type=tome",
+        "model.reduction.r=5",
+        f"model.reduction.proportional_attention={proportional}",
+    )
     batch = images(3)
     with torch.no_grad():
         results, tokens, pos = run_reference(pipe, batch, reference_tome(5, proportional), proportional, (0, 2, 3))
@@ -162,8 +166,13 @@ def test_tome_matches_a_per_sample_reference(proportional):
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_evit_matches_a_per_sample_reference(fuse):
-    pipe = pipeline(*ONE_STAGE, "model.reduction.type=evit", "model.reduction.keep_rate=0.6",
-                    "model.reduction.blocks=[1,2]", f"model.reduction.fuse={fuse}")
+    pipe = pipeline(
+        *ONE_STAGE,
+        "model.reduction.type=evit",
+        "model.reduction.keep_rate=0.6",
+        "model.reduction.blocks=[1,2]",
+        f"model.reduction.fuse={fuse}",
+    )
     batch = images(3, seed=2)
     with torch.no_grad():
         results, tokens, pos = run_reference(pipe, batch, reference_evit(0.6, [1, 2], fuse), False, (1, 2, 3))
@@ -187,8 +196,13 @@ def test_the_evit_default_blocks_are_the_papers_for_deit_s():
     assert lengths == [196, 139, 99, 71]
 
 
-@pytest.mark.parametrize("setting", [["model.reduction.type=tome", "model.reduction.r=0"],
-                                     ["model.reduction.type=evit", "model.reduction.keep_rate=1.0"]])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ["model.reduction.type=tome", "model.reduction.r=0"],
+        ["model.reduction.type=evit", "model.reduction.keep_rate=1.0"],
+    ],
+)
 def test_a_reducer_that_removes_nothing_changes_nothing(setting):
     plain, reduced = pipeline(), pipeline(*setting)
     assert reduced.stages[1].reducer is not None
@@ -212,8 +226,9 @@ def test_merging_exact_duplicates_with_proportional_attention_changes_nothing():
     cls = torch.zeros(1, 1, plain.backbone.embed_dim)
     with torch.no_grad():
         full = plain.backbone.encode(tokens, cls, StageContext(0, (8, 8), attention_blocks=(1, 3)))
-        halved = merged.backbone.encode(tokens, cls, StageContext(0, (8, 8), attention_blocks=(1, 3),
-                                                                   reducer=merged.stages[0].reducer))
+        halved = merged.backbone.encode(
+            tokens, cls, StageContext(0, (8, 8), attention_blocks=(1, 3), reducer=merged.stages[0].reducer)
+        )
     torch.testing.assert_close(halved.logits, full.logits, **tolerance())
     torch.testing.assert_close(halved.tokens, full.tokens, **tolerance())
     for block in (1, 3):
@@ -238,10 +253,13 @@ def test_token_groups_by_hand():
     assert groups.owner.tolist() == [[0, 0, 0, 1]] and groups.sizes.tolist() == [[3.0]]
 
 
-@pytest.mark.parametrize("reduction", [["model.reduction.type=tome", "model.reduction.r=3",
-                                        "model.reduction.stage=[0,1]"],
-                                       ["model.reduction.type=evit", "model.reduction.keep_rate=0.5",
-                                        "model.reduction.stage=0"]])
+@pytest.mark.parametrize(
+    "reduction",
+    [
+        ["model.reduction.type=tome", "model.reduction.r=3", "model.reduction.stage=[0,1]"],
+        ["model.reduction.type=evit", "model.reduction.keep_rate=0.5", "model.reduction.stage=0"],
+    ],
+)
 def test_lfvit_with_reduction_is_batch_order_invariant_and_infer_matches_training(reduction):
     pipe = pipeline(*reduction)
     batch, order = images(6), torch.tensor([4, 0, 5, 2, 1, 3])
@@ -266,17 +284,6 @@ def test_stage1_reduction_changes_what_the_selector_reads_but_keeps_it_a_distrib
     assert (b.class_attention[3].sum(1) > 0.5).all() and (b.class_attention[3].sum(1) <= 1 + 1e-6).all()
 
 
-def _mlp_tokens_per_block(pipe, index: int) -> list[int]:
-    """Tokens (CLS included) each block's MLP processes in stage ``index``, from the reducer's own rule."""
-    backbone, reducer = pipe.backbone_of(index), pipe.stages[index].reducer
-    length, out = pipe.stage_length(index) - 1, []
-    for block in range(backbone.depth):
-        if reducer is not None and reducer.reduces_at(block, backbone.depth):
-            length = reducer.reduced_length(length, block)
-        out.append(1 + length)
-    return out
-
-
 def test_counted_flops_follow_the_reduced_token_counts_per_block():
     """A one-stage tiny ViT: its count is the sum over blocks of the per-block formula at each block's token
     counts, plus what the reducer itself multiplies (ToMe's similarities)."""
@@ -295,8 +302,8 @@ def test_counted_flops_follow_the_reduced_token_counts_per_block():
 
     full = [65] * 4
     assert count_flops(plain).stages[0] * 1e9 == pytest.approx(patch + blocks(full, full), rel=1e-9)
-    leaving = _mlp_tokens_per_block(tome, 0)
-    assert leaving == [57, 49, 41, 33]
+    leaving = list(tome.block_lengths(0))
+    assert leaving == [57, 49, 41, 33] and count_flops(tome).block_lengths == (tuple(leaving),)
     entering = [65, *leaving[:-1]]
     # ToMe's matching: (n_a x n_b) similarities of head-mean keys of width d / heads
     similarity = sum(((n - 1 + 1) // 2) * ((n - 1) // 2) * (d // heads) for n in entering)

@@ -15,6 +15,15 @@ HELP = "evaluate a checkpoint: per-stage accuracy, accuracy/FLOPs curve, calibra
 BANNER = "!" * 78
 
 
+def _target(text: str) -> float | str:
+    if text == "baseline":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.8, or 'baseline'; got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser, "eval.batch_size=256")
     parser.add_argument("--checkpoint", help="pipeline weights (.safetensors/.pth) or a training checkpoint folder")
@@ -30,7 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     goal = parser.add_mutually_exclusive_group()
     goal.add_argument("--budget-gflops", type=float, metavar="G", help="choose eta: best top-1 within G GFLOPs/image")
-    goal.add_argument("--target-acc", type=float, metavar="A", help="choose eta: fewest GFLOPs with top-1 >= A (0-1)")
+    goal.add_argument(
+        "--target-acc",
+        type=_target,
+        metavar="A",
+        help="choose eta: fewest GFLOPs with top-1 >= A (0-1), or 'baseline': the one-stage baseline's top-1 on "
+        "the same calibration images",
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")

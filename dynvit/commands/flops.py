@@ -83,11 +83,18 @@ def run(args: argparse.Namespace) -> int:
     if pipe.num_stages > 1:
         for index in range(pipe.num_stages):
             rows.append((_stage_label(pipe, index), f"{report.stages[index]:.3f}"))
+    reduced = [i for i in range(pipe.num_stages) if pipe.stages[i].reducer is not None]
+    if pipe.num_stages == 1 and reduced:
+        reducer = type(pipe.stages[0].reducer).__name__
+        rows.append((f"this model ({reducer} token reduction)", f"{report.stages[0]:.3f}"))
     rows.append((f"full-resolution backbone ({size}px)", f"{report.full_resolution:.3f}"))
     if pipe.num_stages == 1:
         rows.append(("tokens (incl. CLS)", str(report.stage2_length)))
     else:
         rows += [(f"stage-{i + 1} tokens (incl. CLS)", str(n)) for i, n in enumerate(report.lengths)]
+    for i in reduced:  # what each block keeps, so the count can be checked by hand
+        where = "tokens" if pipe.num_stages == 1 else f"stage-{i + 1} tokens"
+        rows.append((f"{where} leaving each block", " ".join(map(str, report.block_lengths[i]))))
     if exits == 1:
         rows += [(f"expected at {s[0]:.0%} exit", f"{report.expected(s[0]):.3f}") for s in scenarios]
     elif exits > 1:

@@ -3,9 +3,9 @@
 Builds the data, trains the full-resolution baseline
 (``recipes/quickstart_baseline.yaml``), then the small LF-ViT of
 ``recipes/quickstart.yaml`` starting from the baseline's backbone, and
-evaluates both on the test split: the baseline's top-1 becomes the accuracy
-target, the exit threshold is calibrated on half of the test images and
-reported on the other half.
+evaluates both on the test split: the exit threshold is calibrated on half
+of the test images to reach the baseline's top-1 on those images, and both
+models are reported on the other half.
 """
 
 from __future__ import annotations
@@ -72,26 +72,16 @@ def run_quickstart(
 
     eval_overrides = [*common, "eval.split=test"]
     baseline_name, baseline_dir = runs["baseline"]
-    _say("evaluating the full-resolution baseline on the test split")
-    baseline = evaluate(
-        baseline_name,
-        str(baseline_dir),
-        out / "eval_baseline",
-        device=device,
-        limit=limit,
-        overrides=eval_overrides,
-        progress=False,
-    )
-    target = baseline["stages"][0]["top1"]
     lfvit_name, lfvit_dir = runs["lfvit"]
-    _say(f"evaluating LF-ViT on the test split; exit threshold calibrated to reach the baseline's {target:.1%}")
+    _say("evaluating the baseline and LF-ViT on the test split; LF-ViT's exit threshold is calibrated on half")
+    _say("the images to reach the baseline's top-1 there, and reported on the other half")
     metrics = evaluate(
         lfvit_name,
         str(lfvit_dir),
         out / "eval",
         baseline_recipe=baseline_name,
         baseline_checkpoint=str(baseline_dir),
-        target_acc=target,
+        target_acc="baseline",
         device=device,
         limit=limit,
         overrides=eval_overrides,
@@ -111,7 +101,7 @@ def summary(metrics: dict[str, Any], out: Path, seconds: float) -> str:
     lines = [
         "",
         "== dynvit quickstart: LF-ViT vs its full-resolution baseline (test split) ==",
-        "GFLOPs per image, fvcore convention (1 multiply-add = 1 FLOP)",
+        "GFLOPs per image, fvcore convention (1 multiply-add = 1 FLOP); all test images:",
         f"  stage 1 alone (half resolution)      top-1 {stages[0]['top1']:6.1%}   {stages[0]['gflops']:.4f} GFLOPs",
         f"  stage 2 for every image (focus)      top-1 {stages[1]['top1']:6.1%}   {stages[1]['gflops']:.4f} GFLOPs",
         f"  baseline, full resolution            top-1 {baseline['top1']:6.1%}   {baseline['gflops']:.4f} GFLOPs",
@@ -119,12 +109,15 @@ def summary(metrics: dict[str, Any], out: Path, seconds: float) -> str:
     if held:
         share = held["gflops"] / baseline["gflops"] if baseline["gflops"] else float("nan")
         verdict = "reaches" if calibration.get("feasible") else "cannot reach"
+        on_same = calibration.get("baseline_top1") or {}
         lines += [
+            f"held-out half ({held['count']} test images the threshold was not chosen on):",
+            f"  baseline, full resolution            top-1 {on_same.get('heldout', float('nan')):6.1%}   "
+            f"{baseline['gflops']:.4f} GFLOPs",
             f"  LF-ViT at calibrated eta={calibration['eta']:.2f}         top-1 {held['top1']:6.1%}   "
             f"{held['gflops']:.4f} GFLOPs = {share:.0%} of the baseline's; {held['exit_fraction']:.0%} exit at stage 1",
-            f"  (eta chosen on {calibration['calibration']['count']} calibration images to reach the baseline's "
-            f"top-1; reported on {held['count']} held-out images; the dynamic model {verdict} it "
-            "on the calibration half)",
+            f"  (eta chosen on the other {calibration['calibration']['count']} images to reach the baseline's "
+            f"{on_same.get('calibration', float('nan')):.1%} there; the dynamic model {verdict} it)",
         ]
     throughput = metrics.get("throughput")
     if throughput:

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from dynvit.evaluation.calibration import Calibration, StagedCalibration
 from dynvit.evaluation.curve import Curve, StagedCurve
 from dynvit.evaluation.throughput import Throughput
@@ -45,9 +47,18 @@ def _thresholds(values: list[float]) -> list[float | None]:
     return [None if math.isinf(t) else t for t in values]
 
 
-def calibration_metrics(calibration: Calibration | StagedCalibration | None) -> dict[str, Any] | None:
+def calibration_metrics(
+    calibration: Calibration | StagedCalibration | None, baseline_correct: Tensor | None = None
+) -> dict[str, Any] | None:
+    """The calibration record; with ``baseline_correct`` (per image), the baseline's top-1 on both parts too."""
     if calibration is None:
         return None
+    baseline_top1 = None
+    if baseline_correct is not None:
+        baseline_top1 = {
+            part: float(baseline_correct[index].double().mean())
+            for part, index in (("calibration", calibration.calibration_index), ("heldout", calibration.heldout_index))
+        }
     if isinstance(calibration, StagedCalibration):
         chosen = {"q": calibration.q, "thresholds": _thresholds(calibration.thresholds)}
     else:
@@ -60,6 +71,7 @@ def calibration_metrics(calibration: Calibration | StagedCalibration | None) -> 
         "target_acc": calibration.target_acc,
         "fraction": calibration.fraction,
         "seed": calibration.seed,
+        "baseline_top1": baseline_top1,
         "calibration": calibration.calibration,
         "heldout": calibration.heldout,
     }

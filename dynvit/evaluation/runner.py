@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from dynvit.evaluation.calibration import calibrate, calibrate_staged
+from dynvit.evaluation.calibration import calibrate, calibrate_staged, split_indices
 from dynvit.evaluation.config import EvalConfig
 from dynvit.evaluation.curve import dvt_sweep, eta_grid, exit_decisions, exit_stages, q_grid, staged_points, sweep
 from dynvit.evaluation.plots import MarkedPoint, denormalise, plot_curve, plot_regions, plot_staged_curve
@@ -108,14 +108,19 @@ def _threshold(pipe: DynamicPipeline) -> float:
 
 def baseline_metrics(
     pipe: DynamicPipeline,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, Tensor]] | Records,
     flops: StageFlops,
     device: torch.device,
     progress: bool = True,
     total: int | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 and cost of a baseline; a two-stage one is scored at its recipe's threshold."""
-    records = collect_records(pipe, batches, device, progress=progress, total=total, description="baseline")
+    """Top-1/top-5 and cost of a baseline (from its batches, or records already collected); a two-stage one is
+    scored at its recipe's threshold."""
+    records = (
+        batches
+        if isinstance(batches, Records)
+        else collect_records(pipe, batches, device, progress=progress, total=total, description="baseline")
+    )
     result: dict[str, Any] = {"count": records.count, "eta": None, "exit_fraction": None}
     if records.num_stages == 1:
         result["top1"] = float(records.correct(1, 1).double().mean())
@@ -266,8 +271,9 @@ def evaluate_pipeline(
     settings: EvalConfig | DictConfig | None = None,
     *,
     budget_gflops: float | None = None,
-    target_acc: float | None = None,
+    target_acc: float | str | None = None,
     baseline: dict[str, Any] | None = None,
+    baseline_correct: Tensor | None = None,
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -281,8 +287,11 @@ def evaluate_pipeline(
 
     ``info`` fills the descriptive fields of metrics.json (recipe name,
     checkpoint, split, ...); ``baseline`` is a :func:`baseline_metrics`
-    result with ``recipe`` and ``checkpoint`` added; ``mean``/``std`` are the
-    data's normalisation, to show the images as they were.
+    result with ``recipe`` and ``checkpoint`` added, and ``baseline_correct``
+    (N,) whether a one-stage baseline got each of the same images right: the
+    calibration then reports the baseline on both parts, and ``target_acc=
+    "baseline"`` calibrates to its top-1 on the calibration images.
+    ``mean``/``std`` are the data's normalisation, to show the images as they were.
     """
     settings = settings if settings is not None else EvalConfig()
     info = dict(info or {})
@@ -303,6 +312,13 @@ def evaluate_pipeline(
     # images kept for the pictures and the throughput batch (which repeats them when it is larger)
     pool = min(max(8 * settings.region_images, settings.throughput_batch, 1), 256)
     records = collect_records(pipe, batches, device, keep_images=pool, progress=progress, total=total)
+    if baseline_correct is not None and len(baseline_correct) != records.count:
+        raise ValueError(f"the baseline was scored on {len(baseline_correct)} images, the model on {records.count}")
+    if target_acc == BASELINE_TARGET:
+        if baseline_correct is None or records.count < 2:
+            raise ValueError("target_acc='baseline' needs a one-stage baseline scored on the same images")
+        on_cal, _ = split_indices(records.count, settings.calibration_fraction, settings.calibration_seed)
+        target_acc = float(baseline_correct[on_cal].double().mean())
     names = list(class_names) if class_names is not None else [str(i) for i in range(records.num_classes)]
     if len(names) < records.num_classes:
         raise ValueError(f"{len(names)} class names for a model with {records.num_classes} classes")
@@ -431,7 +447,7 @@ def evaluate_pipeline(
         "stages": stage_metrics,
         "dynamic": dynamic,
         "curve": curve_metrics(curve),
-        "calibration": calibration_metrics(calibration),
+        "calibration": calibration_metrics(calibration, baseline_correct),
         "baseline": baseline,
         "throughput": throughput_metrics(throughput),
         "files": files,
@@ -451,10 +467,16 @@ def _build(recipe: DictConfig, checkpoint: str | None, device: torch.device) -> 
     return pipe.to(device).eval()
 
 
-def _check_goal(budget_gflops: float | None, target_acc: float | None) -> None:
+BASELINE_TARGET = "baseline"  # target_acc: the one-stage baseline's top-1 on the same calibration images
+
+
+def _check_goal(budget_gflops: float | None, target_acc: float | str | None) -> None:
     if budget_gflops is not None and target_acc is not None:
         raise ValueError("give either a FLOPs budget (--budget-gflops) or an accuracy target (--target-acc), not both")
-    if target_acc is not None and not 0 <= target_acc <= 1:
+    if isinstance(target_acc, str):
+        if target_acc != BASELINE_TARGET:
+            raise ValueError(f"--target-acc is a top-1 fraction or {BASELINE_TARGET!r}, got {target_acc!r}")
+    elif target_acc is not None and not 0 <= target_acc <= 1:
         raise ValueError(f"--target-acc is a top-1 fraction in [0, 1] (0.8 for 80%), got {target_acc}")
     if budget_gflops is not None and budget_gflops <= 0:
         raise ValueError(f"--budget-gflops is GFLOPs per image and must be > 0, got {budget_gflops}")
@@ -528,13 +550,18 @@ def evaluate(
     baseline_checkpoint = baseline_checkpoint if baseline_checkpoint is not None else settings.baseline_checkpoint
     baseline_overrides = list(baseline_overrides) or list(settings.baseline_overrides)
     warnings_ = [] if checkpoint is not None else [RANDOM_WEIGHTS_WARNING]
-    baseline = None
+    baseline = baseline_correct = None
     if baseline_recipe is not None:
         base_name, base_config = _baseline_recipe(baseline_recipe, baseline_overrides, recipe)
         base_pipe = _build(base_config, baseline_checkpoint, device)
         base_loader = loader_for(base_config)
-        baseline = baseline_metrics(base_pipe, base_loader, count_flops(base_pipe), device, progress, len(base_loader))
+        base_records = collect_records(
+            base_pipe, base_loader, device, progress=progress, total=len(base_loader), description="baseline"
+        )
+        baseline = baseline_metrics(base_pipe, base_records, count_flops(base_pipe), device)
         baseline.update({"recipe": base_name, "checkpoint": baseline_checkpoint})
+        if base_records.num_stages == 1:
+            baseline_correct = base_records.correct(1, 1)
         if baseline_checkpoint is None:
             warnings_.append(f"no baseline checkpoint: the baseline {base_name} has RANDOM WEIGHTS")
         del base_pipe
@@ -568,6 +595,7 @@ def evaluate(
         budget_gflops=budget_gflops,
         target_acc=target_acc,
         baseline=baseline,
+        baseline_correct=baseline_correct,
         class_names=names,
         mean=tuple(recipe.data.mean),
         std=tuple(recipe.data.std),
