@@ -76,11 +76,15 @@ def run_frontier(
     out: str | Path,
     tome_r: tuple[int, ...] = (1, 2, 3),
     variants: tuple[str, ...] = tuple(TRAINED),
+    epochs: int | None = None,
     limit: int | None = None,
     max_steps: int | None = None,
     overrides: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[Result]]:
-    """Train what is missing, evaluate everything; returns the baseline's metrics and one result per model."""
+    """Train what is missing, evaluate everything; returns the baseline's metrics and one result per model.
+
+    ``epochs``: every variant's training length (default: the quickstart LF-ViT's); the baseline keeps its own.
+    """
     from dynvit.evaluation import evaluate
     from dynvit.recipe import load_recipe
     from dynvit.training import train
@@ -94,7 +98,7 @@ def run_frontier(
     # every variant: the LF-ViT's schedule, from the baseline's weights
     schedule = [
         f"train.init_backbone={baseline_dir}",
-        f"train.epochs={lfvit_schedule.epochs}",
+        f"train.epochs={epochs or lfvit_schedule.epochs}",
         f"train.lr={lfvit_schedule.lr}",
         f"train.warmup_epochs={lfvit_schedule.warmup_epochs}",
     ]
@@ -200,13 +204,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/token_reduction_frontier", help="output folder")
     parser.add_argument("--variants", nargs="+", default=list(TRAINED), choices=list(TRAINED), help="models to train")
     parser.add_argument("--tome-r", nargs="*", type=int, default=[1, 2, 3], help="training-free ToMe merge counts")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every variant (default: quickstart's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each training after N steps (smoke runs)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     args = parser.parse_args()
     out = Path(args.out)
     baseline, results = run_frontier(
-        out, tuple(args.tome_r), tuple(args.variants), args.limit, args.max_steps, args.overrides
+        out, tuple(args.tome_r), tuple(args.variants), args.epochs, args.limit, args.max_steps, args.overrides
     )
     plot(baseline, results, out / "frontier.png")
     (out / "frontier.json").write_text(
