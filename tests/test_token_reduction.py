@@ -142,6 +142,19 @@ def run_reference(pipe, batch: Tensor, reduce, proportional: bool, blocks_record
     return results, tokens, pos
 
 
+def assert_matches_reference(pipe, batch: Tensor, reduce, proportional: bool, recorded: tuple[int, ...]) -> None:
+    """The one-stage pipeline's reduced pass equals the reference: logits, spread final tokens, spread CLS rows."""
+    with torch.no_grad():
+        results, tokens, pos = run_reference(pipe, batch, reduce, proportional, recorded)
+        context = StageContext(index=0, grid=(8, 8), attention_blocks=recorded, reducer=pipe.stages[0].reducer)
+        out = pipe.backbone.encode(tokens, pos[:, :1], context)
+    for b, (logits, rows, final) in enumerate(results):
+        torch.testing.assert_close(out.logits[b], logits, **tolerance())
+        torch.testing.assert_close(out.tokens[b, 1:], final, **tolerance())
+        for block, row in rows.items():
+            torch.testing.assert_close(out.class_attention[block][b], row, **tolerance())
+
+
 @pytest.mark.parametrize("proportional", [True, False])
 def test_tome_matches_a_per_sample_reference(proportional):
     pipe = pipeline(
@@ -150,16 +163,7 @@ def test_tome_matches_a_per_sample_reference(proportional):
         "model.reduction.r=5",
         f"model.reduction.proportional_attention={proportional}",
     )
-    batch = images(3)
-    with torch.no_grad():
-        results, tokens, pos = run_reference(pipe, batch, reference_tome(5, proportional), proportional, (0, 2, 3))
-        context = StageContext(index=0, grid=(8, 8), attention_blocks=(0, 2, 3), reducer=pipe.stages[0].reducer)
-        out = pipe.backbone.encode(tokens, pos[:, :1], context)
-    for b, (logits, rows, final) in enumerate(results):
-        torch.testing.assert_close(out.logits[b], logits, **tolerance())
-        torch.testing.assert_close(out.tokens[b, 1:], final, **tolerance())
-        for block, row in rows.items():
-            torch.testing.assert_close(out.class_attention[block][b], row, **tolerance())
+    assert_matches_reference(pipe, images(3), reference_tome(5, proportional), proportional, (0, 2, 3))
     # 64 patch tokens lose 5 per block: 59, 54, 49, 44 leave the four blocks
     assert [pipe.stages[0].reducer.reduced_length(n, 0) for n in (64, 59, 54, 49)] == [59, 54, 49, 44]
 
@@ -173,16 +177,7 @@ def test_evit_matches_a_per_sample_reference(fuse):
         "model.reduction.blocks=[1,2]",
         f"model.reduction.fuse={fuse}",
     )
-    batch = images(3, seed=2)
-    with torch.no_grad():
-        results, tokens, pos = run_reference(pipe, batch, reference_evit(0.6, [1, 2], fuse), False, (1, 2, 3))
-        context = StageContext(index=0, grid=(8, 8), attention_blocks=(1, 2, 3), reducer=pipe.stages[0].reducer)
-        out = pipe.backbone.encode(tokens, pos[:, :1], context)
-    for b, (logits, rows, final) in enumerate(results):
-        torch.testing.assert_close(out.logits[b], logits, **tolerance())
-        torch.testing.assert_close(out.tokens[b, 1:], final, **tolerance())
-        for block, row in rows.items():
-            torch.testing.assert_close(out.class_attention[block][b], row, **tolerance())
+    assert_matches_reference(pipe, images(3, seed=2), reference_evit(0.6, [1, 2], fuse), False, (1, 2, 3))
 
 
 def test_the_evit_default_blocks_are_the_papers_for_deit_s():
