@@ -170,6 +170,8 @@ class TimmViT(Backbone):
         self._reducer: TokenReducer | None = None  # the reducer acting in the current block, and what it reads
         self._reading: BlockAttention | None = None
         self.mlp_extra_channels = mlp_extra_channels
+        # a block type token reduction cannot split (not timm's pre-norm Block); fixed once the model is built
+        self._odd_block = next((type(b).__name__ for b in model.blocks if type(b).forward is not Block.forward), None)
         for index, block in enumerate(model.blocks):
             block.attn.qkv.register_forward_hook(functools.partial(self._capture_class_attention, index))
             if mlp_extra_channels:
@@ -321,7 +323,7 @@ class TimmViT(Backbone):
                 f"token reduction needs a CLS-token head; this model pools {self.model.global_pool!r} "
                 "(build it with global_pool='token')"
             )
-        odd = next((type(b).__name__ for b in self.model.blocks if type(b).forward is not Block.forward), None)
+        odd = self._odd_block
         if odd is not None:
             raise ValueError(f"token reduction runs timm's pre-norm Block in two halves; this model has {odd} blocks")
         if context.hooks or context.record_attention_logits or context.record_block_tokens:
