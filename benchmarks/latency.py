@@ -9,6 +9,16 @@ exit, each three ways:
   (the two static-shape stage graphs of :mod:`dynvit.cascade`);
 - onnxruntime: the timm model exported whole, and :class:`dynvit.export.OnnxCascade`.
 
+Next to them, on every path, **the backbone alone on LF-ViT's token counts**:
+the same timm model (same weights, position table resampled) on an image
+whose patch grid holds exactly as many tokens as each stage encodes (stage 1:
+the 7 x 7 grid of the half-size image; stage 2: its selected plus reused
+tokens, e.g. 115 = 5 x 23 patches for m = 5). That is the arithmetic LF-ViT
+cannot avoid, with none of its own work (downsampling, class attention,
+selection, gathers, fusion): its speedup is the most any implementation of
+the cascade on that path can reach, and LF-ViT's share of it is what the
+implementation loses.
+
 Exits are forced by the threshold (-inf: every sample exits after stage 1,
 +inf: none does), which for 0% and 100% is what ``benchmarks/ratios.py``
 forces too, and works the same on every path. Per-image latency is the
@@ -24,19 +34,21 @@ batch time over the batch size; p50 and p90 are over the timed rounds.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 
 from dynvit.cascade import CompiledCascade
-from dynvit.flops import CONVENTION, FlopsReport, count_flops
+from dynvit.flops import CONVENTION, FlopsReport, count_flops, gflops_per_image
 from dynvit.pipeline import DynamicPipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,36 +59,70 @@ PATHS = ("eager", "compiled", "onnx")
 FORCING = {0.0: math.inf, 1.0: -math.inf}
 
 
-def onnx_backbone(model: torch.nn.Module, size: int, folder: Path, threads: int | None) -> Callable:
+def onnx_backbone(
+    model: torch.nn.Module, size: tuple[int, int], folder: Path, threads: int | None, name: str = "backbone"
+) -> Callable:
     """The timm model exported whole (dynamic batch) and run by onnxruntime: images -> logits."""
     import onnxruntime as ort
 
     batch = torch.export.Dim("batch", min=1, max=65536)
-    example = torch.randn(2, 3, size, size)
+    example = torch.randn(2, 3, *size)
     with torch.no_grad():
         program = torch.onnx.export(
             model, (example,), dynamo=True, input_names=["images"], dynamic_shapes={"x": {0: batch}}, verbose=False
         )
-    path = folder / "backbone.onnx"
+    path = folder / f"{name}.onnx"
     program.save(str(path))
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda images: session.run(None, {name: images.numpy()})[0]
+    input_name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {input_name: images.numpy()})[0]
 
 
-def build_paths(pipe: DynamicPipeline, paths: Sequence[str], folder: Path, threads: int | None) -> dict[str, tuple]:
-    """path -> (backbone fn(images), LF-ViT fn(images, threshold)), each path set up once for every batch size."""
+def token_grid(tokens: int) -> tuple[int, int]:
+    """A patch grid (rows, columns) holding ``tokens`` patches, as square as the count allows."""
+    rows = max(r for r in range(1, math.isqrt(tokens) + 1) if tokens % r == 0)
+    return rows, tokens // rows
+
+
+def token_matched_backbones(pipe: DynamicPipeline) -> list[tuple[torch.nn.Module, tuple[int, int]]]:
+    """The timm backbone resized to each stage's token count: (model, image size) per stage, same weights."""
     model = pipe.backbone.model
-    out: dict[str, tuple] = {}
+    patch = model.patch_embed.patch_size
+    out = []
+    for index in range(pipe.num_stages):
+        rows, cols = token_grid(pipe.stage_length(index) - model.num_prefix_tokens)
+        size = (rows * patch[0], cols * patch[1])
+        resized = copy.deepcopy(model)  # same weights; timm resamples the position table to the new grid
+        resized.set_input_size(img_size=size)
+        out.append((resized.eval(), size))
+    return out
+
+
+@dataclass
+class RunPath:
+    """One way of running: the timm backbone, LF-ViT's cascade, and the backbone at each stage's token count."""
+
+    backbone: Callable
+    infer: Callable
+    token_matched: list[Callable]
+
+
+def build_paths(pipe: DynamicPipeline, paths: Sequence[str], folder: Path, threads: int | None) -> dict[str, RunPath]:
+    """Every path set up once for every batch size."""
+    model = pipe.backbone.model
+    matched = token_matched_backbones(pipe)
+    out: dict[str, RunPath] = {}
     if "eager" in paths:
-        out["eager"] = (model, pipe.infer)
+        out["eager"] = RunPath(model, pipe.infer, [m for m, _ in matched])
     if "compiled" in paths:
         cascade = CompiledCascade(pipe)  # on CUDA: CUDA graphs of each static shape (mode reduce-overhead)
-        out["compiled"] = (cascade.compile_like(model, next(model.parameters()).device), cascade.infer)
+        device = next(model.parameters()).device
+        like = [cascade.compile_like(m, device) for m, _ in matched]
+        out["compiled"] = RunPath(cascade.compile_like(model, device), cascade.infer, like)
     if "onnx" in paths:
         from dynvit.export import OnnxCascade, export_onnx
 
@@ -85,29 +131,42 @@ def build_paths(pipe: DynamicPipeline, paths: Sequence[str], folder: Path, threa
         worst = max(report.max_diff.values())
         seconds = time.perf_counter() - started
         print(f"exported LF-ViT in {seconds:.0f} s; onnxruntime vs torch, largest difference {worst:.1e}")
-        out["onnx"] = (
-            onnx_backbone(model, pipe.image_size, folder, threads),
+        out["onnx"] = RunPath(
+            onnx_backbone(model, (pipe.image_size, pipe.image_size), folder, threads),
             OnnxCascade(folder / "lfvit", threads).infer,
+            [onnx_backbone(m, size, folder, threads, f"stage{i + 1}_tokens") for i, (m, size) in enumerate(matched)],
         )
     return out
 
 
 def measure(
-    pipe: DynamicPipeline, paths: dict[str, tuple], batch: int, bench: Bench, fractions: Sequence[float]
+    pipe: DynamicPipeline, paths: dict[str, RunPath], batch: int, bench: Bench, fractions: Sequence[float]
 ) -> dict[str, list[float]]:
-    """Alternating rounds of every path's backbone and LF-ViT at each forced fraction; seconds per batch."""
+    """Alternating rounds of every path's models at each forced fraction; seconds per batch.
+
+    ``path/tokens@f``: the backbone on the token counts of the stages an image runs at exit fraction f
+    (stage 1 alone at 100%, stage 1 then stage 2 at 0%).
+    """
+    generator = torch.Generator().manual_seed(batch)
     size = pipe.image_size
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).to(bench.device)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(bench.device)
+    matched_images = [
+        torch.randn(batch, 3, *shape, generator=generator).to(bench.device)
+        for shape in (s for _, s in token_matched_backbones(pipe))
+    ]
     fns: dict[str, Callable[[], object]] = {}
-    for path, (backbone, infer) in paths.items():
-        fns[f"{path}/backbone"] = bench.autocasted(lambda backbone=backbone: backbone(images))
+    for path, run in paths.items():
+        fns[f"{path}/backbone"] = bench.autocasted(lambda run=run: run.backbone(images))
         for f in fractions:
-            fns[f"{path}/LF-ViT@{f}"] = bench.autocasted(lambda infer=infer, f=f: infer(images, FORCING[f]))
+            fns[f"{path}/LF-ViT@{f}"] = bench.autocasted(lambda run=run, f=f: run.infer(images, FORCING[f]))
+            stages = 1 if f == 1.0 else len(run.token_matched)
+            pairs = list(zip(run.token_matched[:stages], matched_images[:stages]))
+            fns[f"{path}/tokens@{f}"] = bench.autocasted(lambda pairs=pairs: [m(x) for m, x in pairs])
     with torch.inference_mode():
         for name, fn in fns.items():  # the first call compiles; check the forced exits while at it
             started = time.perf_counter()
             result = fn()
-            if "@" in name:
+            if "LF-ViT@" in name:
                 exited = float((result.exit_stage == 1).float().mean())
                 wanted = float(name.rsplit("@", 1)[1])
                 if exited != wanted:
@@ -116,10 +175,28 @@ def measure(
         return bench.rounds(fns)
 
 
+def token_matched_gflops(pipe: DynamicPipeline) -> list[float]:
+    """GFLOPs per image of the backbone on each stage's token count (same convention as :func:`count_flops`)."""
+    out = []
+    with torch.no_grad():
+        for model, size in token_matched_backbones(pipe):
+            device = next(model.parameters()).device
+            out.append(gflops_per_image(lambda: model(torch.randn(1, 3, *size, device=device)), 1))  # noqa: B023
+    return out
+
+
 def rows_for(
-    times: dict[str, list[float]], batch: int, paths: Sequence[str], fractions: Sequence[float], flops: FlopsReport
+    times: dict[str, list[float]],
+    batch: int,
+    paths: Sequence[str],
+    fractions: Sequence[float],
+    flops: FlopsReport,
+    matched_gflops: Sequence[float],
 ) -> list[dict[str, str]]:
-    """One row per path and model: per-image p50/p90, the speedup on the same path and what FLOPs predict."""
+    """One row per path and model: per-image p50/p90, the speedup on the same path and what FLOPs predict.
+
+    LF-ViT rows also give their time as a share of the backbone's on the same token counts ("of tokens only").
+    """
 
     def per_image_ms(seconds: list[float], q: float) -> str:
         return f"{1e3 * statistics.quantiles(seconds, n=10, method='inclusive')[int(q * 10) - 1] / batch:.2f}"
@@ -128,9 +205,11 @@ def rows_for(
     for path in paths:
         backbone = times[f"{path}/backbone"]
         eager = times["eager/backbone"] if "eager" in paths else None
-        entries = [("timm backbone", None, backbone)] + [
-            (f"LF-ViT {100 * f:.0f}% exit", f, times[f"{path}/LF-ViT@{f}"]) for f in fractions
-        ]
+        entries = [("timm backbone", None, backbone)]
+        for f in fractions:
+            entries.append((f"LF-ViT {100 * f:.0f}% exit", f, times[f"{path}/LF-ViT@{f}"]))
+            stages = "stage 1" if f == 1.0 else "stages 1+2"
+            entries.append((f"backbone on {stages}' tokens", f, times[f"{path}/tokens@{f}"]))
         for label, f, seconds in entries:
             row = {
                 "batch": str(batch),
@@ -141,13 +220,19 @@ def rows_for(
                 "speedup (same path)": "",
                 "FLOPs speedup": "",
                 "measured / FLOPs": "",
+                "of tokens only": "",
                 "vs eager backbone": "",
             }
             if eager is not None:
                 row["vs eager backbone"] = f"{statistics.median(eager) / statistics.median(seconds):.2f}x"
             if f is not None:
                 measured = statistics.median(b / s for b, s in zip(backbone, seconds))
-                predicted = flops.full_resolution / flops.expected(f)
+                if label.startswith("LF-ViT"):
+                    predicted = flops.full_resolution / flops.expected(f)
+                    matched = times[f"{path}/tokens@{f}"]
+                    row["of tokens only"] = f"{100 * statistics.median(m / s for m, s in zip(matched, seconds)):.0f}%"
+                else:
+                    predicted = flops.full_resolution / sum(matched_gflops[: 1 if f == 1.0 else None])
                 row["speedup (same path)"] = f"{measured:.2f}x"
                 row["FLOPs speedup"] = f"{predicted:.2f}x"
                 row["measured / FLOPs"] = f"{100 * measured / predicted:.0f}%"
@@ -227,6 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"recipe {args.recipe}: {pipe.image_size}px, stage-2 tokens {pipe.stage2_length}; GFLOPs/img ({CONVENTION}): "
         f"backbone {flops.full_resolution:.3f}, stage 1 {flops.stage1:.3f}, stage 2 {flops.stage2:.3f}"
     )
+    matched = token_matched_gflops(pipe)
+    shapes = ", ".join(
+        f"stage {i + 1}: {pipe.stage_length(i)} tokens = {h}x{w} px, {g:.3f} GFLOPs"
+        for i, ((_, (h, w)), g) in enumerate(zip(token_matched_backbones(pipe), matched))
+    )
+    print(f"the backbone alone on each stage's token count: {shapes}")
     print(
         f"timing: {'process CPU time' if args.clock == 'cpu' else 'wall clock'}, alternating rounds after "
         f"{args.warmup} warm-up; random weights; exits forced by the threshold"
@@ -239,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats = args.repeats or max(5, 21 if batch == 1 else round(88 / batch))
             bench = Bench(device, DTYPES[args.dtype], args.warmup, repeats, clock)
             times = times_by_batch[batch] = measure(pipe, paths, batch, bench, args.exit_fractions)
-            batch_rows = rows_for(times, batch, list(paths), args.exit_fractions, flops)
+            batch_rows = rows_for(times, batch, list(paths), args.exit_fractions, flops, matched)
             print(f"\n### batch {batch}, {repeats} rounds\n")
             print(markdown_table(batch_rows))
             rows += batch_rows
@@ -251,8 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nthe backbone's weights: {weights.numel() * 4 / 2**20:.1f} MiB; reading them once "
             f"(a sum over a copy of them, median of 21): {1e3 * read:.2f} ms"
         )
-        names = [f"{path}/{model}" for path in paths for model in ("backbone", "LF-ViT@1.0")]
-        print("\n### batch time = a + b x batch (least squares over the medians); LF-ViT@1.0 is stage 1 alone\n")
+        names = [f"{path}/{model}" for path in paths for model in ("backbone", "LF-ViT@1.0", "tokens@1.0")]
+        print(
+            "\n### batch time = a + b x batch (least squares over the medians); LF-ViT@1.0 is stage 1 alone, "
+            "tokens@1.0 the backbone alone on stage 1's tokens\n"
+        )
         print(markdown_table(fixed_cost_rows(times_by_batch, names)))
     else:
         print("\n### all batches\n")

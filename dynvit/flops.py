@@ -108,7 +108,8 @@ class FlopsReport:
         return total
 
 
-def _gflops(run: Callable[[], object], batch: int) -> float:
+def gflops_per_image(run: Callable[[], object], batch: int) -> float:
+    """Multiply-adds per image, in G, of everything ``run`` computes on a batch of ``batch``."""
     with FlopCounterMode(display=False) as counter:
         run()
     return counter.get_total_flops() / 2 / batch / 1e9  # multiply-adds per image, in G
@@ -131,7 +132,7 @@ def count_flops(pipe: DynamicPipeline, batch: int = 1) -> FlopsReport:
     was_training = pipe.training
     pipe.eval()
     try:
-        full = _gflops(lambda: pipe.run_full_resolution(images), batch)
+        full = gflops_per_image(lambda: pipe.run_full_resolution(images), batch)
         lengths = tuple(pipe.stage_length(i) for i in range(pipe.num_stages))
         block_lengths = tuple(pipe.block_lengths(i) for i in range(pipe.num_stages))
         # stage by stage, each on every image (as if none had exited), from the previous stage's output;
@@ -140,7 +141,7 @@ def count_flops(pipe: DynamicPipeline, batch: int = 1) -> FlopsReport:
         stages = []
         for index in range(pipe.num_stages):
             previous = outputs[-1] if outputs else None
-            stages.append(_gflops(lambda: outputs.append(pipe.run_stage(index, images, previous)), batch))  # noqa: B023
+            stages.append(gflops_per_image(lambda: outputs.append(pipe.run_stage(index, images, previous)), batch))  # noqa: B023
         return FlopsReport(stages=tuple(stages), full_resolution=full, lengths=lengths, block_lengths=block_lengths)
     finally:
         pipe.train(was_training)

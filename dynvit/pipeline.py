@@ -321,7 +321,8 @@ class DynamicPipeline(nn.Module):
                 f"images are {images.dtype}; the model takes normalised floating-point images: "
                 "images.float() / 255, then subtract the recipe's data.mean and divide by data.std"
             )
-        if check_finite and images.numel():
+        # one pass first: a sum is finite only if every pixel is (a finite sum that overflows is checked in full)
+        if check_finite and images.numel() and not bool(torch.isfinite(images.sum(dtype=torch.float32))):
             bad = ~torch.isfinite(images).flatten(1).all(dim=1)
             if bad.any():
                 index = torch.nonzero(bad).flatten().tolist()

@@ -310,6 +310,17 @@ def test_non_finite_pixels_are_refused_with_the_sample_indices(pipe):
     assert torch.isnan(pipe(images).logits[1][1]).all()  # training forwards leave it to the loss check
 
 
+def test_the_finite_check_is_not_fooled_by_a_sum(pipe):
+    """The check sums first; a finite sum that overflows, or infinities that cancel to NaN, are still judged
+    pixel by pixel."""
+    huge = torch.full((2, 3, 64, 64), 3e38)  # every pixel finite, their float32 sum is not
+    assert not torch.isfinite(huge.sum()) and pipe.infer(huge, 2.0).logits.shape == (2, 10)
+    cancelling = torch.randn(3, 3, 64, 64)
+    cancelling[2, 0, 0, 0], cancelling[2, 1, 0, 0] = float("inf"), float("-inf")
+    with pytest.raises(InputError, match=r"1 of 3 images .* \(batch indices 2\)"):
+        pipe.infer(cancelling)
+
+
 # -- the command line's two modes --------------------------------------------------------------
 
 
