@@ -117,6 +117,45 @@ def test_static_path_equals_eager_infer(selector):
         assert_same_result(cascade.infer(images, threshold), eager.infer(images, threshold), atol=1e-5)
 
 
+# token reduction inside the stages (EViT drops by top-k, ToMe merges by argmax and scatter): still static shapes
+REDUCERS = {
+    "evit-stage1": ["model.reduction.type=evit", "model.reduction.keep_rate=0.5", "model.reduction.stage=0"],
+    "tome-both": ["model.reduction.type=tome", "model.reduction.r=3", "model.reduction.stage=[0,1]"],
+    "evit-stage2-unfused": ["model.reduction.type=evit", "model.reduction.fuse=false"],
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCERS)
+def test_stage_graphs_with_token_reduction_are_one_graph_each_and_equal_eager(reduction):
+    eager, static = pipeline(*REDUCERS[reduction]), pipeline(*REDUCERS[reduction])
+    stage1, stage2 = Stage1Graph(static), Stage2Graph(static)
+    images = batch(8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(stage1)(images)
+        assert (explained.graph_break_count, explained.graph_count) == (0, 1), explained.break_reasons
+        outputs = dict(zip(stage1.output_names, stage1(images)))
+        explained = torch._dynamo.explain(stage2)(images, *[outputs[name] for name in stage2.input_names[1:]])
+        assert (explained.graph_break_count, explained.graph_count) == (0, 1), explained.break_reasons
+    torch._dynamo.reset()
+    cascade = CompiledCascade(static, backend=None)
+    for threshold in (0.0, 1.01, threshold_sending_on(eager, images, 5)):
+        assert_same_result(cascade.infer(images, threshold), eager.infer(images, threshold), atol=1e-5)
+
+
+def test_one_stage_recipe_with_token_reduction_runs_its_reducer_on_the_static_path():
+    torch.manual_seed(0)
+    pipe = build_pipeline(
+        tiny_recipe("model.stages=1", "loss.type=ce", "model.reduction.type=tome", "model.reduction.r=6")
+    ).eval()
+    images = batch(3)
+    result = CompiledCascade(pipe, backend=None).infer(images)
+    with torch.no_grad():
+        reduced, plain = pipe.run_stage(0, images).logits, pipe.backbone.model(images)
+    torch.testing.assert_close(result.logits, reduced, atol=1e-5, rtol=0)
+    assert (result.logits - plain).abs().max() > 1e-3  # the reducer did act
+
+
 def test_padding_rows_are_copies_of_a_real_sample_and_never_reach_the_result():
     pipe = pipeline()
     cascade = CompiledCascade(pipe, backend=None)
