@@ -222,6 +222,20 @@ def test_calibration_for_an_accuracy_target_is_the_cheapest_that_reaches_it():
         calibrate(records, S1, S2, target_acc=80)
 
 
+def test_an_unreachable_goal_returns_the_closest_miss_and_says_so():
+    records = random_records(n=200)
+    result = calibrate(records, S1, S2, target_acc=1.0, seed=2)  # random logits never reach 100%
+    on_cal = sweep(records.subset(result.calibration_index), S1, S2)
+    assert not result.feasible and result.calibration["top1"] == pytest.approx(on_cal.top1.max().item())
+    assert result.shortfall() == (
+        f"no threshold meets top-1 1.0 on the calibration images; eta={result.eta:g} is the closest"
+    )
+    cheap = calibrate(records, S1, S2, budget_gflops=S1 / 2, seed=2)  # below what stage 1 alone costs
+    assert not cheap.feasible and cheap.calibration["gflops"] == pytest.approx(on_cal.gflops.min().item())
+    assert cheap.shortfall().startswith(f"no threshold meets {S1 / 2} GFLOPs")
+    assert calibrate(records, S1, S2, budget_gflops=S1 + S2, seed=2).shortfall() is None
+
+
 def test_without_a_goal_the_recipe_threshold_is_reported_on_both_parts():
     records = random_records(n=100)
     result = calibrate(records, S1, S2, default_eta=0.37)
@@ -655,6 +669,10 @@ def test_staged_calibration_picks_thresholds_on_the_calibration_split_and_report
     assert target.mode == "target" and (not target.feasible or target.calibration["top1"] >= 0.3)
     recipe = calibrate_staged(records, COSTS3, default_thresholds=[0.6, 0.5])
     assert recipe.mode == "recipe" and recipe.q is None and recipe.thresholds == [0.6, 0.5]
+    unreachable = calibrate_staged(records, COSTS3, target_acc=1.0, seed=2)
+    assert unreachable.shortfall() == (
+        f"no q of the sweep meets top-1 1.0 on the calibration images; q={unreachable.q:g} is the closest"
+    )
 
 
 @pytest.fixture(scope="module")

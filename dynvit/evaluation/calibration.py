@@ -30,6 +30,15 @@ def split_indices(count: int, fraction: float = 0.5, seed: int = 0) -> tuple[Ten
     return order[:n_cal].sort().values, order[n_cal:].sort().values
 
 
+def _goal_mode(budget_gflops: float | None, target_acc: float | None) -> str:
+    """ "budget", "target" or "recipe" (neither goal: the recipe's own threshold), once the goal is checked."""
+    if budget_gflops is not None and target_acc is not None:
+        raise ValueError("give a FLOPs budget or an accuracy target, not both")
+    if target_acc is not None and not 0 <= target_acc <= 1:
+        raise ValueError(f"the accuracy target is a fraction in [0, 1] (0.8 for 80%), got {target_acc}")
+    return "budget" if budget_gflops is not None else "target" if target_acc is not None else "recipe"
+
+
 def choose_eta(
     curve: Curve | StagedCurve, budget_gflops: float | None = None, target_acc: float | None = None
 ) -> tuple[int, bool]:
@@ -56,11 +65,10 @@ def choose_eta(
 
 
 @dataclass
-class Calibration:
-    """A threshold chosen on the calibration images and its figures on both parts."""
+class CalibrationSplit:
+    """What every calibration records: the goal, the split, and the chosen point's figures on both parts."""
 
-    mode: str  # "budget", "target" or "recipe" (the recipe's own threshold, nothing chosen)
-    eta: float
+    mode: str  # "budget", "target" or "recipe" (the recipe's own threshold(s), nothing chosen)
     feasible: bool  # the constraint is met on the calibration images
     budget_gflops: float | None
     target_acc: float | None
@@ -68,8 +76,33 @@ class Calibration:
     seed: int
     calibration_index: Tensor  # (N_cal,) indices into the records
     heldout_index: Tensor  # (N_held,) disjoint from calibration_index
-    calibration: dict[str, float | int | None]  # Curve.point on the calibration images
-    heldout: dict[str, float | int | None]  # Curve.point on the held-out images
+    calibration: dict[str, Any]  # the curve's point on the calibration images
+    heldout: dict[str, Any]  # the same threshold(s) on the held-out images
+
+    # what was searched over, and the pick, for messages
+    candidates = "threshold"
+
+    @property
+    def choice(self) -> str:
+        raise NotImplementedError
+
+    def shortfall(self) -> str | None:
+        """The warning to give when nothing met the goal on the calibration images; None when something did."""
+        if self.feasible:
+            return None
+        goal = f"{self.budget_gflops} GFLOPs" if self.budget_gflops is not None else f"top-1 {self.target_acc}"
+        return f"no {self.candidates} meets {goal} on the calibration images; {self.choice} is the closest"
+
+
+@dataclass
+class Calibration(CalibrationSplit):
+    """One threshold (eta) for a two-stage cascade."""
+
+    eta: float
+
+    @property
+    def choice(self) -> str:
+        return f"eta={self.eta:g}"
 
 
 def calibrate(
@@ -89,17 +122,14 @@ def calibrate(
     With neither ``budget_gflops`` nor ``target_acc``, ``default_eta`` (the
     recipe's threshold) is reported on both parts unchanged.
     """
-    if budget_gflops is not None and target_acc is not None:
-        raise ValueError("give a FLOPs budget or an accuracy target, not both")
-    if target_acc is not None and not 0 <= target_acc <= 1:
-        raise ValueError(f"the accuracy target is a fraction in [0, 1] (0.8 for 80%), got {target_acc}")
+    mode = _goal_mode(budget_gflops, target_acc)
     cal_index, held_index = split_indices(records.count, fraction, seed)
-    if budget_gflops is None and target_acc is None:
+    if mode == "recipe":
         if default_eta is None:
             raise ValueError("give budget_gflops, target_acc or default_eta")
-        mode, grid = "recipe", torch.tensor([float(default_eta)], dtype=torch.float64)
+        grid = torch.tensor([float(default_eta)], dtype=torch.float64)
     else:
-        mode, grid = ("budget" if budget_gflops is not None else "target"), (eta_grid() if etas is None else etas)
+        grid = eta_grid() if etas is None else etas
     exits = exit_decisions(records.logits[0], grid, policy)
     on_cal = sweep(records.subset(cal_index), stage1_gflops, stage2_gflops, grid, exits=exits[:, cal_index])
     on_held = sweep(records.subset(held_index), stage1_gflops, stage2_gflops, grid, exits=exits[:, held_index])
@@ -123,21 +153,17 @@ def calibrate(
 
 
 @dataclass
-class StagedCalibration:
-    """Per-exit thresholds chosen on the calibration images (DVT's rule) and their figures on both parts."""
+class StagedCalibration(CalibrationSplit):
+    """Per-exit thresholds (DVT's rule)."""
 
-    mode: str  # "budget", "target" or "recipe" (the recipe's own thresholds, nothing chosen)
     q: float | None  # the sweep parameter of the chosen thresholds; None in mode "recipe"
     thresholds: list[float]  # one per exit; inf: no image stops there
-    feasible: bool
-    budget_gflops: float | None
-    target_acc: float | None
-    fraction: float
-    seed: int
-    calibration_index: Tensor
-    heldout_index: Tensor
-    calibration: dict[str, Any]  # StagedCurve.point on the calibration images
-    heldout: dict[str, Any]  # StagedCurve.point on the held-out images
+
+    candidates = "q of the sweep"
+
+    @property
+    def choice(self) -> str:
+        return f"q={self.q:g}"
 
 
 def calibrate_staged(
@@ -159,21 +185,16 @@ def calibrate_staged(
     the held-out images. With neither goal, ``default_thresholds`` (the
     recipe's) are reported on both parts.
     """
-    if budget_gflops is not None and target_acc is not None:
-        raise ValueError("give a FLOPs budget or an accuracy target, not both")
-    if target_acc is not None and not 0 <= target_acc <= 1:
-        raise ValueError(f"the accuracy target is a fraction in [0, 1] (0.8 for 80%), got {target_acc}")
+    mode = _goal_mode(budget_gflops, target_acc)
     cal_index, held_index = split_indices(records.count, fraction, seed)
     on_cal_records, held_records = records.subset(cal_index), records.subset(held_index)
-    if budget_gflops is None and target_acc is None:
+    if mode == "recipe":
         if default_thresholds is None:
             raise ValueError("give budget_gflops, target_acc or default_thresholds")
-        mode = "recipe"
         rows = torch.tensor([list(default_thresholds)], dtype=torch.float64)
         on_cal = staged_points(on_cal_records, stage_gflops, rows)
         chosen, feasible = 0, True
     else:
-        mode = "budget" if budget_gflops is not None else "target"
         on_cal = dvt_sweep(on_cal_records, stage_gflops, qs)
         chosen, feasible = choose_eta(on_cal, budget_gflops, target_acc)
     thresholds = on_cal.thresholds[chosen : chosen + 1]

@@ -251,11 +251,8 @@ def _evaluate_staged(
             fraction=settings.calibration_fraction,
             seed=settings.calibration_seed,
         )
-        if not calibration.feasible:
-            goal = f"{budget_gflops} GFLOPs" if budget_gflops is not None else f"top-1 {target_acc}"
-            warnings_.append(
-                f"no q of the sweep meets {goal} on the calibration images; q={calibration.q:g} is the closest"
-            )
+        if calibration.shortfall():
+            warnings_.append(calibration.shortfall())
     else:
         warnings_.append("fewer than 2 images: no calibration split")
     thresholds = calibration.thresholds if calibration is not None else own
@@ -354,11 +351,8 @@ def evaluate_pipeline(
                 etas=eta_grid(settings.eta_step),
                 policy=policy,
             )
-            if not calibration.feasible:
-                goal = f"{budget_gflops} GFLOPs" if budget_gflops is not None else f"top-1 {target_acc}"
-                warnings_.append(
-                    f"no threshold meets {goal} on the calibration images; eta={calibration.eta:g} is the closest"
-                )
+            if calibration.shortfall():
+                warnings_.append(calibration.shortfall())
         else:
             warnings_.append("fewer than 2 images: no calibration split")
         eta = calibration.eta if calibration is not None else recipe_eta
