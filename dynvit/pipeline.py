@@ -498,6 +498,13 @@ class DynamicPipeline(nn.Module):
         """The :class:`~dynvit.cascade.CompiledCascade` :meth:`infer` runs through, or None."""
         return self.__dict__.get("_cascade")
 
+    def set_training_progress(self, epochs: float) -> None:
+        """Tell every stage plugin with a schedule how far training has come, in epochs (the trainer calls this
+        before each batch; EViT's keep-rate shrink reads it)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_training_progress"):
+                module.set_training_progress(epochs)
+
     def thresholds(self, threshold: float | Sequence[float] | None) -> list[float | None]:
         """One threshold per exit (None: the exit policy's own); a single number serves every exit."""
         exits = self.num_stages - 1

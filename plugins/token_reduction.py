@@ -85,6 +85,14 @@ class EViT(_AtBlocks):
     ``blocks`` default to the paper's DeiT placement scaled to the depth:
     blocks 3, 6 and 9 of 12 (0-based), i.e. at a quarter, half and three
     quarters of the depth.
+
+    Training from scratch, the authors keep every token for the first
+    ``shrink_start_epoch`` epochs, then lower the keep rate from 1 to
+    ``keep_rate`` along a half cosine over ``shrink_epochs`` epochs, step by
+    step (their DeiT-S run: 10 and 100 of 300); fine-tuning, both are 0 and
+    the rate is fixed. The schedule reads the training progress the trainer
+    hands every module (:meth:`set_training_progress`); in eval mode, or
+    with no progress given, the rate is ``keep_rate``.
     """
 
     reads_class_attention = True
@@ -94,19 +102,41 @@ class EViT(_AtBlocks):
         keep_rate: float = 0.7,
         blocks: Sequence[int] | None = None,
         fuse: bool = True,
+        shrink_start_epoch: float = 0,
+        shrink_epochs: float = 0,
         stage: int | Sequence[int] = -1,
     ) -> None:
         super().__init__(blocks, stage)
         if not 0.0 < keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+        if shrink_start_epoch < 0 or shrink_epochs < 0:
+            raise ValueError(
+                f"shrink_start_epoch and shrink_epochs are epoch counts >= 0, got {shrink_start_epoch}, {shrink_epochs}"
+            )
         self.keep_rate = float(keep_rate)
         self.fuse = bool(fuse)
+        self.shrink_start_epoch, self.shrink_epochs = float(shrink_start_epoch), float(shrink_epochs)
+        self.epochs_done: float | None = None  # training progress in epochs, from set_training_progress
+
+    def set_training_progress(self, epochs: float) -> None:
+        """How far training has come, in epochs (3.25: a quarter into the fourth epoch)."""
+        self.epochs_done = float(epochs)
+
+    @property
+    def current_keep_rate(self) -> float:
+        """The keep rate this forward uses: ``keep_rate``, or the shrink schedule's while training."""
+        start, span, progress = self.shrink_start_epoch, self.shrink_epochs, self.epochs_done
+        if not self.training or progress is None or progress >= start + span:
+            return self.keep_rate
+        if progress < start:
+            return 1.0
+        return self.keep_rate + (1.0 - self.keep_rate) * (math.cos(math.pi * (progress - start) / span) + 1) / 2
 
     def default_blocks(self, depth: int) -> list[int]:
         return sorted({depth // 4, depth // 2, 3 * depth // 4})
 
     def kept(self, length: int) -> int:
-        return math.ceil(self.keep_rate * length)
+        return math.ceil(self.current_keep_rate * length)
 
     def reduced_length(self, length: int, block: int) -> int:
         keep = self.kept(length)

@@ -191,6 +191,33 @@ def test_the_evit_default_blocks_are_the_papers_for_deit_s():
     assert lengths == [196, 139, 99, 71]
 
 
+def test_the_evit_keep_rate_shrinks_along_the_authors_cosine_while_training():
+    pipe = pipeline(
+        *ONE_STAGE,
+        "model.reduction.type=evit",
+        "model.reduction.keep_rate=0.5",
+        "model.reduction.shrink_start_epoch=2",
+        "model.reduction.shrink_epochs=4",
+    )
+    reducer = pipe.stages[0].reducer
+    pipe.train()
+    assert reducer.current_keep_rate == 0.5  # no progress given: the target
+    # hand values: 1 before epoch 2, then 0.5 + 0.5 * (cos(pi * t / 4) + 1) / 2, then 0.5
+    halfway = 0.5 + 0.25 * (math.cos(math.pi / 4) + 1)
+    expected = {0.0: 1.0, 1.9: 1.0, 2.0: 1.0, 3.0: halfway, 4.0: 0.75, 6.0: 0.5, 9: 0.5}
+    for epochs, rate in expected.items():
+        pipe.set_training_progress(epochs)  # the pipeline hands it to every plugin that has a schedule
+        assert reducer.current_keep_rate == pytest.approx(rate, abs=1e-12), epochs
+    pipe.set_training_progress(1.0)
+    assert reducer.reduced_length(16, 1) == 16  # keep everything before the shrink starts
+    with torch.no_grad():
+        assert torch.equal(pipe(images(2)).logits[0], pipeline(*ONE_STAGE).train()(images(2)).logits[0])
+    pipe.set_training_progress(4.0)
+    assert reducer.reduced_length(16, 1) == 12 + 1  # ceil(0.75 * 16) kept, plus the fused token
+    pipe.eval()
+    assert reducer.current_keep_rate == 0.5 and reducer.reduced_length(16, 1) == 8 + 1  # eval: the target
+
+
 @pytest.mark.parametrize(
     "setting",
     [

@@ -416,6 +416,18 @@ def test_gradient_accumulation_equals_the_larger_batch(disk_data, tmp_path):
     assert max_difference(weights_of(big / last), weights_of(accumulated / last)) <= TRAINED["atol"]
 
 
+def test_the_trainer_hands_its_progress_to_scheduled_plugins(disk_data, tmp_path, monkeypatch):
+    from dynvit.plugins.token_reduction import EViT
+
+    seen: list[float] = []
+    original = EViT.set_training_progress
+    monkeypatch.setattr(EViT, "set_training_progress", lambda self, e: (seen.append(e), original(self, e)))
+    reduction = ["model.reduction.type=evit", "model.reduction.shrink_start_epoch=1", "model.reduction.shrink_epochs=1"]
+    recipe = tiny_recipe(disk_data, tmp_path / "run", *PLAIN_TRAINING, *reduction, "data.train_limit=16")
+    train(recipe)
+    assert seen == [0.0, 0.5, 1.0, 1.5]  # 2 epochs of 2 steps: once before each batch, in epochs
+
+
 def test_tensorboard_is_optional(disk_data, tmp_path, monkeypatch):
     import accelerate.utils
 

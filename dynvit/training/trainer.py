@@ -514,6 +514,7 @@ class TrainingRun:
         step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
         with self._progress_bar(epoch) as bar:
             for images, labels in islice(batches, self.micro_batches - done):
+                self.pipe.set_training_progress(epoch + progress.epoch_step / self.steps_per_epoch)
                 images, targets = self._inputs(images, labels)
                 self.probe = images
                 with accelerator.accumulate(model):
