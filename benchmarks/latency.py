@@ -88,15 +88,19 @@ def token_grid(tokens: int) -> tuple[int, int]:
     return rows, tokens // rows
 
 
-def token_matched_backbones(pipe: DynamicPipeline) -> list[tuple[torch.nn.Module, tuple[int, int]]]:
-    """The timm backbone resized to each stage's token count: (model, image size) per stage, same weights."""
+def token_matched_sizes(pipe: DynamicPipeline) -> list[tuple[int, int]]:
+    """Per stage, the image size whose patch grid holds as many tokens as that stage encodes."""
     model = pipe.backbone.model
     patch = model.patch_embed.patch_size
+    grids = [token_grid(pipe.stage_length(i) - model.num_prefix_tokens) for i in range(pipe.num_stages)]
+    return [(rows * patch[0], cols * patch[1]) for rows, cols in grids]
+
+
+def token_matched_backbones(pipe: DynamicPipeline) -> list[tuple[torch.nn.Module, tuple[int, int]]]:
+    """The timm backbone resized to each stage's token count: (model, image size) per stage, same weights."""
     out = []
-    for index in range(pipe.num_stages):
-        rows, cols = token_grid(pipe.stage_length(index) - model.num_prefix_tokens)
-        size = (rows * patch[0], cols * patch[1])
-        resized = copy.deepcopy(model)  # same weights; timm resamples the position table to the new grid
+    for size in token_matched_sizes(pipe):
+        resized = copy.deepcopy(pipe.backbone.model)  # same weights; timm resamples the position table
         resized.set_input_size(img_size=size)
         out.append((resized.eval(), size))
     return out
@@ -151,8 +155,7 @@ def measure(
     size = pipe.image_size
     images = torch.randn(batch, 3, size, size, generator=generator).to(bench.device)
     matched_images = [
-        torch.randn(batch, 3, *shape, generator=generator).to(bench.device)
-        for shape in (s for _, s in token_matched_backbones(pipe))
+        torch.randn(batch, 3, *shape, generator=generator).to(bench.device) for shape in token_matched_sizes(pipe)
     ]
     fns: dict[str, Callable[[], object]] = {}
     for path, run in paths.items():
@@ -315,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     matched = token_matched_gflops(pipe)
     shapes = ", ".join(
         f"stage {i + 1}: {pipe.stage_length(i)} tokens = {h}x{w} px, {g:.3f} GFLOPs"
-        for i, ((_, (h, w)), g) in enumerate(zip(token_matched_backbones(pipe), matched))
+        for i, ((h, w), g) in enumerate(zip(token_matched_sizes(pipe), matched))
     )
     print(f"the backbone alone on each stage's token count: {shapes}")
     print(

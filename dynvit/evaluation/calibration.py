@@ -31,7 +31,7 @@ def split_indices(count: int, fraction: float = 0.5, seed: int = 0) -> tuple[Ten
 
 
 def _goal_mode(budget_gflops: float | None, target_acc: float | None) -> str:
-    """ "budget", "target" or "recipe" (neither goal: the recipe's own threshold), once the goal is checked."""
+    """The calibration's mode, once the goal is checked: budget, target, or recipe (no goal: its threshold)."""
     if budget_gflops is not None and target_acc is not None:
         raise ValueError("give a FLOPs budget or an accuracy target, not both")
     if target_acc is not None and not 0 <= target_acc <= 1:
