@@ -115,10 +115,15 @@ class RunPath:
     token_matched: list[Callable]
 
 
-def build_paths(pipe: DynamicPipeline, paths: Sequence[str], folder: Path, threads: int | None) -> dict[str, RunPath]:
-    """Every path set up once for every batch size."""
+def build_paths(
+    pipe: DynamicPipeline,
+    matched: Sequence[tuple[torch.nn.Module, tuple[int, int]]],
+    paths: Sequence[str],
+    folder: Path,
+    threads: int | None,
+) -> dict[str, RunPath]:
+    """Every path set up once for every batch size; ``matched`` from :func:`token_matched_backbones`."""
     model = pipe.backbone.model
-    matched = token_matched_backbones(pipe)
     out: dict[str, RunPath] = {}
     if "eager" in paths:
         out["eager"] = RunPath(model, pipe.infer, [m for m, _ in matched])
@@ -178,11 +183,11 @@ def measure(
         return bench.rounds(fns)
 
 
-def token_matched_gflops(pipe: DynamicPipeline) -> list[float]:
-    """GFLOPs per image of the backbone on each stage's token count (same convention as :func:`count_flops`)."""
+def token_matched_gflops(matched: Sequence[tuple[torch.nn.Module, tuple[int, int]]]) -> list[float]:
+    """GFLOPs per image of each :func:`token_matched_backbones` model (same convention as :func:`count_flops`)."""
     out = []
     with torch.no_grad():
-        for model, size in token_matched_backbones(pipe):
+        for model, size in matched:
             device = next(model.parameters()).device
             out.append(gflops_per_image(lambda: model(torch.randn(1, 3, *size, device=device)), 1))  # noqa: B023
     return out
@@ -315,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"recipe {args.recipe}: {pipe.image_size}px, stage-2 tokens {pipe.stage2_length}; GFLOPs/img ({CONVENTION}): "
         f"backbone {flops.full_resolution:.3f}, stage 1 {flops.stage1:.3f}, stage 2 {flops.stage2:.3f}"
     )
-    matched = token_matched_gflops(pipe)
+    matched_models = token_matched_backbones(pipe)
+    matched = token_matched_gflops(matched_models)
     shapes = ", ".join(
         f"stage {i + 1}: {pipe.stage_length(i)} tokens = {h}x{w} px, {g:.3f} GFLOPs"
         for i, ((h, w), g) in enumerate(zip(token_matched_sizes(pipe), matched))
@@ -328,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"command: {' '.join(['python', *sys.argv])}")
     rows, times_by_batch = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_paths(pipe, args.paths, Path(tmp), args.threads or None)
+        paths = build_paths(pipe, matched_models, args.paths, Path(tmp), args.threads or None)
         for batch in args.batches:
             repeats = args.repeats or max(5, 21 if batch == 1 else round(88 / batch))
             bench = Bench(device, DTYPES[args.dtype], args.warmup, repeats, clock)

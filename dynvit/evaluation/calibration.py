@@ -39,6 +39,29 @@ def _goal_mode(budget_gflops: float | None, target_acc: float | None) -> str:
     return "budget" if budget_gflops is not None else "target" if target_acc is not None else "recipe"
 
 
+def _split(
+    mode: str,
+    feasible: bool,
+    budget_gflops: float | None,
+    target_acc: float | None,
+    fraction: float,
+    seed: int,
+    calibration_index: Tensor,
+    heldout_index: Tensor,
+) -> dict[str, Any]:
+    """The :class:`CalibrationSplit` fields both calibrations fill alike, by name."""
+    return dict(
+        mode=mode,
+        feasible=feasible,
+        budget_gflops=budget_gflops,
+        target_acc=target_acc,
+        fraction=fraction,
+        seed=seed,
+        calibration_index=calibration_index,
+        heldout_index=heldout_index,
+    )
+
+
 def choose_eta(
     curve: Curve | StagedCurve, budget_gflops: float | None = None, target_acc: float | None = None
 ) -> tuple[int, bool]:
@@ -137,19 +160,9 @@ def calibrate(
         chosen, feasible = 0, True
     else:
         chosen, feasible = choose_eta(on_cal, budget_gflops, target_acc)
-    return Calibration(
-        mode=mode,
-        eta=float(grid[chosen]),
-        feasible=feasible,
-        budget_gflops=budget_gflops,
-        target_acc=target_acc,
-        fraction=fraction,
-        seed=seed,
-        calibration_index=cal_index,
-        heldout_index=held_index,
-        calibration=on_cal.point(chosen),
-        heldout=on_held.point(chosen),
-    )
+    split = _split(mode, feasible, budget_gflops, target_acc, fraction, seed, cal_index, held_index)
+    point, held = on_cal.point(chosen), on_held.point(chosen)
+    return Calibration(**split, eta=float(grid[chosen]), calibration=point, heldout=held)
 
 
 @dataclass
@@ -200,17 +213,7 @@ def calibrate_staged(
     thresholds = on_cal.thresholds[chosen : chosen + 1]
     on_held = staged_points(held_records, stage_gflops, thresholds)
     point = on_cal.point(chosen)
+    split = _split(mode, feasible, budget_gflops, target_acc, fraction, seed, cal_index, held_index)
     return StagedCalibration(
-        mode=mode,
-        q=point["q"],
-        thresholds=thresholds[0].tolist(),
-        feasible=feasible,
-        budget_gflops=budget_gflops,
-        target_acc=target_acc,
-        fraction=fraction,
-        seed=seed,
-        calibration_index=cal_index,
-        heldout_index=held_index,
-        calibration=point,
-        heldout=on_held.point(0),
+        **split, q=point["q"], thresholds=thresholds[0].tolist(), calibration=point, heldout=on_held.point(0)
     )
